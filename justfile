@@ -1,0 +1,37 @@
+# Keel developer recipes. Each one brings the virtual environment up to date first (uv).
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+export UV_NO_PROGRESS := "1"
+
+# List recipes
+default:
+    @just --list
+
+# Create or refresh .venv with the app and dev tools
+_sync:
+    @command -v uv >/dev/null || python3 -m pip install --quiet uv
+    @uv sync --quiet
+
+# Serve the API (embedded default: SQLite + in-process adapters; docs at /docs)
+serve *ARGS: _sync
+    uv run --no-sync keel serve {{ARGS}}
+
+# Apply migrations (or: just migrate current | history | check | downgrade REV | revision -m MSG)
+migrate *ARGS: _sync
+    uv run --no-sync keel migrate {{ARGS}}
+
+# Lint, type-check, architecture contracts, then the whole test suite
+test *ARGS: lint
+    uv run --no-sync pytest {{ARGS}}
+
+# ruff (lint + format check), mypy (strict), import-linter contracts
+lint: _sync
+    uv run --no-sync ruff check src tests migrations
+    uv run --no-sync ruff format --check src tests migrations
+    uv run --no-sync mypy
+    uv run --no-sync lint-imports
+
+# Format and auto-fix
+fmt: _sync
+    uv run --no-sync ruff format src tests migrations
+    uv run --no-sync ruff check --fix src tests migrations

@@ -1,0 +1,1 @@
+"""Keel: a multi-tenant SaaS API backbone built from hexagonal bounded contexts."""

@@ -1,0 +1,1 @@
+"""Accounts: tenants, their users (profiles), API keys and tenant configuration."""

@@ -1,0 +1,154 @@
+"""Request and response bodies of the accounts API. Validation happens here, at the edge."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from keel.contexts.accounts.domain.model import ApiKey, Role, Tenant, TenantConfig, User
+
+# Printable text without control characters or surrounding whitespace.
+_TEXT = r"^[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$"
+
+Email = Annotated[
+    str,
+    Meta(
+        min_length=3,
+        max_length=320,
+        pattern=r"^[^@\s\x00-\x1f\x7f]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$",
+        description="Email address.",
+        examples=["ada@example.com"],
+    ),
+]
+PersonName = Annotated[str, Meta(min_length=1, max_length=200, pattern=_TEXT, examples=["Ada Lovelace"])]
+OrgName = Annotated[str, Meta(min_length=1, max_length=200, pattern=_TEXT, examples=["Analytical Engines Ltd"])]
+KeyName = Annotated[str, Meta(min_length=1, max_length=100, pattern=_TEXT, examples=["ci-pipeline"])]
+Timezone = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_+\-/]+$",
+        description="IANA timezone.",
+        examples=["Europe/London"],
+    ),
+]
+Locale = Annotated[
+    str,
+    Meta(
+        max_length=35, pattern=r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$", description="BCP 47 tag.", examples=["en-GB"]
+    ),
+]
+RateLimit = Annotated[int, Meta(ge=1, le=100_000, description="Requests per minute per API key.")]
+
+
+class _In(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Inputs reject unknown fields: a typo must not be silently ignored."""
+
+
+class SignupIn(_In, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    organization: OrgName
+    owner_email: Email
+    owner_name: PersonName
+    timezone: Timezone = "UTC"
+    locale: Locale = "en"
+
+
+class UserIn(_In, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    email: Email
+    name: PersonName
+
+
+class UserPatch(_In, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    email: Email | msgspec.UnsetType = msgspec.UNSET
+    name: PersonName | msgspec.UnsetType = msgspec.UNSET
+
+
+class TenantConfigPatch(_In, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    display_name: OrgName | msgspec.UnsetType = msgspec.UNSET
+    timezone: Timezone | msgspec.UnsetType = msgspec.UNSET
+    locale: Locale | msgspec.UnsetType = msgspec.UNSET
+    rate_limit_per_minute: RateLimit | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class ApiKeyIn(_In, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: KeyName
+
+
+class TenantConfigOut(msgspec.Struct, frozen=True, kw_only=True):
+    display_name: str
+    timezone: str
+    locale: str
+    rate_limit_per_minute: int | None
+
+    @classmethod
+    def of(cls, c: TenantConfig) -> TenantConfigOut:
+        return cls(
+            display_name=c.display_name,
+            timezone=c.timezone,
+            locale=c.locale,
+            rate_limit_per_minute=c.rate_limit_per_minute,
+        )
+
+
+class TenantOut(msgspec.Struct, frozen=True, kw_only=True):
+    id: uuid.UUID
+    name: str
+    config: TenantConfigOut
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, t: Tenant) -> TenantOut:
+        return cls(
+            id=t.id, name=t.name, config=TenantConfigOut.of(t.config), created_at=t.created_at, updated_at=t.updated_at
+        )
+
+
+class UserOut(msgspec.Struct, frozen=True, kw_only=True):
+    id: uuid.UUID
+    email: str
+    name: str
+    role: Role
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, u: User) -> UserOut:
+        return cls(id=u.id, email=u.email, name=u.name, role=u.role, created_at=u.created_at, updated_at=u.updated_at)
+
+
+class UserList(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[UserOut]
+    next_cursor: str | None
+
+
+class ApiKeyOut(msgspec.Struct, frozen=True, kw_only=True):
+    id: uuid.UUID
+    name: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, k: ApiKey) -> ApiKeyOut:
+        return cls(id=k.id, name=k.name, prefix=k.display_prefix, created_at=k.created_at, revoked_at=k.revoked_at)
+
+
+class ApiKeyList(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[ApiKeyOut]
+    next_cursor: str | None
+
+
+class IssuedApiKeyOut(ApiKeyOut, frozen=True, kw_only=True):
+    token: str
+
+
+class SignupOut(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: TenantOut
+    user: UserOut
+    api_key: IssuedApiKeyOut

@@ -1,0 +1,214 @@
+"""Accounts use cases. Each one is a single unit of work; the caller's tenant scopes everything."""
+
+from __future__ import annotations
+
+import uuid
+import zoneinfo
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import cache
+
+import msgspec
+
+from keel.contexts.accounts.domain.commands import ChangeTenantConfig, ChangeUser, CreateUser, Signup
+from keel.contexts.accounts.domain.errors import (
+    ApiKeyNotFound,
+    OwnerUndeletable,
+    TenantNotFound,
+    UnknownTimezone,
+    UserNotFound,
+)
+from keel.contexts.accounts.domain.model import (
+    API_KEY_DISPLAY_CHARS,
+    ApiKey,
+    IssuedApiKey,
+    Role,
+    Tenant,
+    TenantConfig,
+    User,
+    generate_token,
+    hash_token,
+    normalize_email,
+)
+from keel.contexts.accounts.ports.repositories import AccountsUnitOfWork
+from keel.platform.domain.ids import new_id
+from keel.platform.domain.paging import Page, PageRequest
+from keel.platform.domain.tenancy import Principal
+from keel.platform.ports.clock import Clock
+
+
+@dataclass(frozen=True, slots=True)
+class SignupResult:
+    tenant: Tenant
+    owner: User
+    api_key: IssuedApiKey
+
+
+@cache
+def _timezones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def _check_timezone(tz: str) -> None:
+    if tz not in _timezones():
+        raise UnknownTimezone(tz)
+
+
+class AccountsService:
+    def __init__(self, uow: Callable[[], AccountsUnitOfWork], clock: Clock) -> None:
+        self._uow = uow
+        self._clock = clock
+
+    # -- signup and authentication ------------------------------------------------------------
+
+    async def signup(self, cmd: Signup) -> SignupResult:
+        _check_timezone(cmd.timezone)
+        now = self._clock.now()
+        tenant = Tenant(
+            id=new_id(),
+            name=cmd.organization,
+            config=TenantConfig(display_name=cmd.organization, timezone=cmd.timezone, locale=cmd.locale),
+            created_at=now,
+            updated_at=now,
+        )
+        owner = User(
+            id=new_id(),
+            tenant_id=tenant.id,
+            email=normalize_email(cmd.owner_email),
+            name=cmd.owner_name,
+            role=Role.OWNER,
+            created_at=now,
+            updated_at=now,
+        )
+        issued = self._new_key(tenant.id, "default")
+        async with self._uow() as uow:
+            await uow.tenants.add(tenant)
+            await uow.users.add(owner)
+            await uow.api_keys.add(issued.key)
+            await uow.commit()
+        return SignupResult(tenant=tenant, owner=owner, api_key=issued)
+
+    async def authenticate(self, token: str) -> Principal | None:
+        async with self._uow() as uow:
+            key = await uow.api_keys.find_by_hash(hash_token(token))
+        if key is None or not key.is_active:
+            return None
+        return Principal(tenant_id=key.tenant_id, api_key_id=key.id)
+
+    # -- tenant --------------------------------------------------------------------------------
+
+    async def get_tenant(self, who: Principal) -> Tenant:
+        async with self._uow() as uow:
+            tenant = await uow.tenants.get(who.tenant_id)
+        if tenant is None:
+            raise TenantNotFound
+        return tenant
+
+    async def change_tenant_config(self, who: Principal, change: ChangeTenantConfig) -> Tenant:
+        if isinstance(change.timezone, str):
+            _check_timezone(change.timezone)
+        async with self._uow() as uow:
+            tenant = await uow.tenants.get(who.tenant_id)
+            if tenant is None:
+                raise TenantNotFound
+            changes = {k: v for k, v in msgspec.structs.asdict(change).items() if v is not msgspec.UNSET}
+            tenant = replace(
+                tenant,
+                config=msgspec.structs.replace(tenant.config, **changes),
+                updated_at=self._clock.now(),
+            )
+            await uow.tenants.update(tenant)
+            await uow.commit()
+        return tenant
+
+    # -- API keys ------------------------------------------------------------------------------
+
+    def _new_key(self, tenant_id: uuid.UUID, name: str) -> IssuedApiKey:
+        token = generate_token()
+        key = ApiKey(
+            id=new_id(),
+            tenant_id=tenant_id,
+            name=name,
+            display_prefix=token[:API_KEY_DISPLAY_CHARS],
+            secret_hash=hash_token(token),
+            created_at=self._clock.now(),
+        )
+        return IssuedApiKey(key=key, token=token)
+
+    async def create_api_key(self, who: Principal, name: str) -> IssuedApiKey:
+        issued = self._new_key(who.tenant_id, name)
+        async with self._uow() as uow:
+            await uow.api_keys.add(issued.key)
+            await uow.commit()
+        return issued
+
+    async def list_api_keys(self, who: Principal, page: PageRequest) -> Page[ApiKey]:
+        async with self._uow() as uow:
+            return await uow.api_keys.list(who.tenant_id, page)
+
+    async def revoke_api_key(self, who: Principal, key_id: uuid.UUID) -> ApiKey:
+        async with self._uow() as uow:
+            key = await uow.api_keys.get(who.tenant_id, key_id)
+            if key is None:
+                raise ApiKeyNotFound
+            if key.is_active:
+                key = key.revoked(self._clock.now())
+                await uow.api_keys.update(key)
+                await uow.commit()
+        return key
+
+    # -- users ---------------------------------------------------------------------------------
+
+    async def create_user(self, who: Principal, cmd: CreateUser) -> User:
+        now = self._clock.now()
+        user = User(
+            id=new_id(),
+            tenant_id=who.tenant_id,
+            email=normalize_email(cmd.email),
+            name=cmd.name,
+            role=Role.MEMBER,
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._uow() as uow:
+            await uow.users.add(user)
+            await uow.commit()
+        return user
+
+    async def list_users(self, who: Principal, page: PageRequest) -> Page[User]:
+        async with self._uow() as uow:
+            return await uow.users.list(who.tenant_id, page)
+
+    async def get_user(self, who: Principal, user_id: uuid.UUID) -> User:
+        async with self._uow() as uow:
+            user = await uow.users.get(who.tenant_id, user_id)
+        if user is None:
+            raise UserNotFound
+        return user
+
+    async def change_user(self, who: Principal, user_id: uuid.UUID, change: ChangeUser) -> User:
+        async with self._uow() as uow:
+            user = await uow.users.get(who.tenant_id, user_id)
+            if user is None:
+                raise UserNotFound
+            updated = user
+            if isinstance(change.email, str):
+                updated = replace(updated, email=normalize_email(change.email))
+            if isinstance(change.name, str):
+                updated = replace(updated, name=change.name)
+            if updated == user:
+                return user
+            updated = replace(updated, updated_at=self._clock.now())
+            await uow.users.update(updated)
+            await uow.commit()
+        return updated
+
+    async def delete_user(self, who: Principal, user_id: uuid.UUID) -> None:
+        async with self._uow() as uow:
+            user = await uow.users.get(who.tenant_id, user_id)
+            if user is None:
+                raise UserNotFound
+            if user.role is Role.OWNER:
+                raise OwnerUndeletable
+            await uow.users.delete(who.tenant_id, user_id)
+            await uow.commit()

@@ -1,0 +1,112 @@
+"""The Litestar application factory."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from typing import Any
+
+from litestar import Litestar, MediaType, Request, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+from opentelemetry.sdk.trace import TracerProvider
+
+from keel.contexts.accounts.adapters.http.controllers import ROUTES as ACCOUNTS_ROUTES
+from keel.main.auth import PUBLIC_PATHS, ApiKeyAuthMiddleware
+from keel.main.container import Container, build_container
+from keel.main.errors import describe_problem, handle_exception
+from keel.main.health import healthz, livez
+from keel.main.logging import configure_logging
+from keel.main.request_context import RequestContextMiddleware, echo_request_id
+from keel.main.settings import Settings, settings_or_exit
+from keel.main.telemetry import build_tracer_provider, instrument
+from keel.platform.adapters.http.auth import provide_principal
+
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+async def require_json_body(request: Request[Any, Any, Any]) -> None:
+    """415 for a body sent with a media type the handler does not read (JSON unless it says otherwise)."""
+    if request.method not in _BODY_METHODS or "data" not in request.route_handler.parsed_fn_signature.parameters:
+        return
+    accepted: tuple[str, ...] = request.route_handler.opt.get("accepts", ("application/json",))
+    media_type = request.content_type[0].lower()
+    if media_type in accepted or (media_type.endswith("+json") and "application/json" in accepted):
+        return
+    raise HTTPException(
+        status_code=415,
+        detail=f"Content-Type must be one of: {', '.join(accepted)}.",
+        headers={"Accept-Post" if request.method == "POST" else "Accept-Patch": ", ".join(accepted)},
+    )
+
+
+_DOCS_UI = ScalarRenderPlugin(path="/")
+
+
+@get("/openapi.json", include_in_schema=False, exclude_from_auth=True, media_type="application/vnd.oai.openapi+json")
+async def openapi_json(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    return request.app.openapi_schema.to_schema()
+
+
+@get("/docs", include_in_schema=False, exclude_from_auth=True, media_type=MediaType.HTML)
+async def docs(request: Request[Any, Any, Any]) -> bytes:
+    return _DOCS_UI.render(request, request.app.openapi_schema.to_schema())
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    container: Container | None = None,
+    tracer_provider: TracerProvider | None = None,
+    configure_logs: bool = True,
+) -> Litestar:
+    settings = settings or settings_or_exit()
+    if configure_logs:
+        configure_logging(settings.log_level, settings.log_json)
+    container = container or build_container(settings)
+    provider = tracer_provider or build_tracer_provider(settings)
+
+    plugins: list[Any] = []
+    if provider is not None:
+        instrument(provider, container.engine)
+        plugins.append(OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=provider)))
+
+    return Litestar(
+        route_handlers=[*ACCOUNTS_ROUTES, healthz, livez, describe_problem, openapi_json, docs],
+        dependencies={
+            "accounts": Provide(lambda: container.accounts, sync_to_thread=False),
+            "health": Provide(lambda: container.health, sync_to_thread=False),
+            "principal": Provide(provide_principal, sync_to_thread=False),
+        },
+        middleware=[
+            RequestContextMiddleware,
+            DefineMiddleware(ApiKeyAuthMiddleware, authenticator=container.accounts, exclude=PUBLIC_PATHS),
+        ],
+        before_request=require_json_body,
+        before_send=[echo_request_id],
+        exception_handlers={Exception: handle_exception},
+        on_shutdown=[container.aclose],
+        plugins=plugins,
+        openapi_config=OpenAPIConfig(
+            title="Keel API",
+            version=version("keel"),
+            description="Multi-tenant SaaS API backbone. Authenticate with `Authorization: Bearer <API key>`.",
+            # Litestar's own schema router lives under /openapi (it 404s with HTML inside its prefix);
+            # /openapi.json and /docs above are the documented entry points.
+            path="/openapi",
+            render_plugins=[_DOCS_UI],
+            components=Components(
+                security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer", description="API key")}
+            ),
+            security=[{"BearerAuth": []}],
+        ),
+        request_max_body_size=settings.max_body_bytes,
+        logging_config=None,
+        state=State({"container": container}),
+        debug=False,
+    )

@@ -1,0 +1,99 @@
+"""The ``keel`` command: serve, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from keel.main.settings import settings_or_exit
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from granian import Granian
+    from granian.constants import Interfaces
+    from loguru import logger
+
+    from keel.main import db
+    from keel.main.logging import configure_logging
+
+    settings = settings_or_exit()
+    configure_logging(settings.log_level, settings.log_json)
+    if settings.should_migrate_on_start:
+        if settings.is_embedded_db:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db.upgrade(settings.database_url)
+        logger.info("database migrated to head")
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    workers = args.workers or settings.workers
+    logger.info("serving Keel on http://{}:{} ({} worker(s)); docs at /docs", host, port, workers)
+    Granian(
+        "keel.main.asgi:create_app",
+        factory=True,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        log_access=False,
+        respawn_failed_workers=True,
+        reload=args.reload,
+    ).serve()
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from alembic import command
+
+    from keel.main import db
+    from keel.main.logging import configure_logging
+
+    settings = settings_or_exit()
+    configure_logging(settings.log_level, settings.log_json)
+    if settings.is_embedded_db:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    cfg = db.alembic_config(settings.database_url)
+    match args.action:
+        case "upgrade":
+            command.upgrade(cfg, args.revision or "head")
+        case "downgrade":
+            command.downgrade(cfg, args.revision or "-1")
+        case "current":
+            command.current(cfg, verbose=True)
+        case "history":
+            command.history(cfg)
+        case "check":
+            command.check(cfg)
+        case "revision":
+            command.revision(cfg, message=args.message, autogenerate=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="keel", description="Keel: multi-tenant SaaS API backbone.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the HTTP API (granian)")
+    serve.add_argument("--host", help="bind address (default KEEL_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default KEEL_PORT or 8000)")
+    serve.add_argument("--workers", type=int, help="server worker processes (default KEEL_WORKERS or 1)")
+    serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
+    serve.set_defaults(func=_serve)
+
+    migrate = sub.add_parser("migrate", help="apply or inspect database migrations")
+    migrate.add_argument(
+        "action",
+        nargs="?",
+        default="upgrade",
+        choices=["upgrade", "downgrade", "current", "history", "check", "revision"],
+    )
+    migrate.add_argument("revision", nargs="?", help="target revision (upgrade: head, downgrade: -1)")
+    migrate.add_argument("-m", "--message", default="change", help="message for a new revision")
+    migrate.set_defaults(func=_migrate)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The composition root's object graph: adapters chosen by settings, services wired to ports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from keel.contexts.accounts.adapters.sql.repositories import SqlAccountsUnitOfWork
+from keel.contexts.accounts.domain.services import AccountsService
+from keel.main.health import HealthProbe
+from keel.main.settings import Settings
+from keel.platform.adapters.clock import SystemClock
+from keel.platform.adapters.redis.health import RedisHealthCheck
+from keel.platform.adapters.sql.engine import create_engine, session_factory
+from keel.platform.adapters.sql.health import SqlHealthCheck
+from keel.platform.ports.clock import Clock
+from keel.platform.ports.health import HealthCheck
+
+
+@dataclass
+class Container:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    clock: Clock
+    accounts: AccountsService
+    health: HealthProbe
+    redis: Redis | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.engine.dispose()
+
+
+def build_container(settings: Settings, *, clock: Clock | None = None) -> Container:
+    if settings.is_embedded_db:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
+    )
+    sessions = session_factory(engine)
+    clock = clock or SystemClock()
+    checks: list[HealthCheck] = [SqlHealthCheck(engine, "sqlite" if settings.is_embedded_db else "postgres")]
+    redis: Redis | None = None
+    if settings.redis_url is not None:
+        redis = Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=settings.health_timeout,
+            socket_timeout=2.0,
+            health_check_interval=15,
+        )
+        checks.append(RedisHealthCheck(redis))
+    accounts = AccountsService(lambda: SqlAccountsUnitOfWork(sessions), clock)
+    return Container(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        clock=clock,
+        accounts=accounts,
+        health=HealthProbe(checks, settings.health_timeout),
+        redis=redis,
+    )

@@ -1,0 +1,81 @@
+"""Request id and access log: the first thing every request meets."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from loguru import logger
+from opentelemetry import trace
+from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
+
+from keel.platform.context import request_id_var
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+_STATE_ID = "keel.request_id"
+_STATE_START = "keel.started"
+
+
+def ensure_request_id(scope: Scope) -> str:
+    """The request's id: the client's ``X-Request-ID`` when well-formed, else a fresh one. Idempotent."""
+    state = scope.setdefault("state", {})
+    rid: str | None = state.get(_STATE_ID)
+    if rid is None:
+        rid = ""
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _VALID_REQUEST_ID.match(candidate):
+                    rid = candidate
+                break
+        rid = rid or uuid.uuid4().hex
+        state[_STATE_ID] = rid
+        state[_STATE_START] = time.perf_counter()
+    return rid
+
+
+async def echo_request_id(message: Message, scope: Scope) -> None:
+    """``before_send`` hook: every response, routed or not, carries the request id and is logged once."""
+    if message["type"] != "http.response.start":
+        return
+    rid = ensure_request_id(scope)
+    headers = list(message.get("headers", []))
+    headers.append((b"x-request-id", rid.encode("latin-1")))
+    message["headers"] = headers
+    started = scope["state"].get(_STATE_START)
+    status = message["status"]
+    logger.bind(
+        request_id=rid,
+        method=scope.get("method"),
+        path=scope.get("path"),
+        route=scope.get("path_template"),
+        status=status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 2) if started else None,
+    ).log("WARNING" if status >= 500 else "INFO", "request served")
+
+
+class RequestContextMiddleware:
+    """Binds the request id for the handler's whole call tree (logs, jobs, outgoing calls) and names
+    the server span after the route template, as the HTTP semantic conventions ask."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
+        token = request_id_var.set(ensure_request_id(scope))
+        span = trace.get_current_span()
+        if span.is_recording():
+            route = scope.get("path_template") or scope.get("path", "")
+            span.update_name(f"{scope.get('method')} {route}")
+            span.set_attribute(HTTP_ROUTE, route)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            request_id_var.reset(token)

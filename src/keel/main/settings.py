@@ -1,0 +1,150 @@
+"""Settings from the environment, validated once at start-up.
+
+A bad value stops the process with one line naming the variable; no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
+
+
+class SettingsError(ValueError):
+    pass
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    database_url: str
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    data_dir: Path = Path("var")
+    log_level: LogLevel = "INFO"
+    log_json: bool | None = None  # None: JSON when stderr is not a TTY
+    webhooks_allow_private: bool = False
+    # Applied on `keel serve`; on by default only for the embedded SQLite database, because with
+    # Postgres several processes start at once and migrations belong to a one-shot `keel migrate`.
+    migrate_on_start: bool | None = None
+    max_body_bytes: int = 1024 * 1024
+    db_pool_size: int = 10
+    db_max_overflow: int = 10
+    db_pool_timeout: float = 5.0
+    health_timeout: float = 1.0
+    otel_endpoint: str | None = None
+    service_name: str = "keel"
+
+    @property
+    def is_embedded_db(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def should_migrate_on_start(self) -> bool:
+        return self.is_embedded_db if self.migrate_on_start is None else self.migrate_on_start
+
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+_BOOL_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(name: str, raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in _BOOL_TRUE:
+        return True
+    if v in _BOOL_FALSE:
+        return False
+    raise SettingsError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _int(name: str, raw: str, lo: int, hi: int) -> int:
+    try:
+        v = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: expected an integer, got {raw!r}") from None
+    if not lo <= v <= hi:
+        raise SettingsError(f"{name}: must be between {lo} and {hi}, got {v}")
+    return v
+
+
+def _float(name: str, raw: str, lo: float, hi: float) -> float:
+    try:
+        v = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+    if not lo <= v <= hi:
+        raise SettingsError(f"{name}: must be between {lo} and {hi}, got {v}")
+    return v
+
+
+_DB_SCHEMES = ("sqlite+aiosqlite://", "postgresql+asyncpg://")
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from ``env`` (default: the process environment); raise ``SettingsError``."""
+    e = os.environ if env is None else env
+
+    def get(name: str) -> str | None:
+        v = e.get(name)
+        return v if v not in (None, "") else None
+
+    data_dir = Path(get("KEEL_DATA_DIR") or "var")
+    database_url = get("KEEL_DATABASE_URL")
+    if database_url is None:
+        database_url = f"sqlite+aiosqlite:///{(data_dir / 'keel.db').as_posix()}"
+    elif database_url.startswith(("postgres://", "postgresql://")):
+        # Accept the libpq spelling most platforms hand out and pick the async driver for it.
+        database_url = "postgresql+asyncpg://" + database_url.split("://", 1)[1]
+    if not database_url.startswith(_DB_SCHEMES):
+        raise SettingsError(f"KEEL_DATABASE_URL: must start with one of {', '.join(_DB_SCHEMES)}")
+
+    redis_url = get("KEEL_REDIS_URL")
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError("KEEL_REDIS_URL: must start with redis://, rediss:// or unix://")
+
+    kwargs: dict[str, object] = {"database_url": database_url, "redis_url": redis_url, "data_dir": data_dir}
+    if (v := get("KEEL_HOST")) is not None:
+        kwargs["host"] = v
+    if (v := get("KEEL_PORT")) is not None:
+        kwargs["port"] = _int("KEEL_PORT", v, 0, 65535)
+    if (v := get("KEEL_WORKERS")) is not None:
+        kwargs["workers"] = _int("KEEL_WORKERS", v, 1, 64)
+    if (v := get("KEEL_LOG_LEVEL")) is not None:
+        level = v.upper()
+        if level not in LogLevel.__args__:  # type: ignore[attr-defined]
+            raise SettingsError(f"KEEL_LOG_LEVEL: expected one of {', '.join(LogLevel.__args__)}, got {v!r}")  # type: ignore[attr-defined]
+        kwargs["log_level"] = level
+    if (v := get("KEEL_LOG_JSON")) is not None and v.lower() != "auto":
+        kwargs["log_json"] = _bool("KEEL_LOG_JSON", v)
+    if (v := get("KEEL_WEBHOOKS_ALLOW_PRIVATE")) is not None:
+        kwargs["webhooks_allow_private"] = _bool("KEEL_WEBHOOKS_ALLOW_PRIVATE", v)
+    if (v := get("KEEL_MIGRATE_ON_START")) is not None:
+        kwargs["migrate_on_start"] = _bool("KEEL_MIGRATE_ON_START", v)
+    if (v := get("KEEL_MAX_BODY_BYTES")) is not None:
+        kwargs["max_body_bytes"] = _int("KEEL_MAX_BODY_BYTES", v, 1024, 1024**3)
+    if (v := get("KEEL_DB_POOL_SIZE")) is not None:
+        kwargs["db_pool_size"] = _int("KEEL_DB_POOL_SIZE", v, 1, 1000)
+    if (v := get("KEEL_DB_MAX_OVERFLOW")) is not None:
+        kwargs["db_max_overflow"] = _int("KEEL_DB_MAX_OVERFLOW", v, 0, 1000)
+    if (v := get("KEEL_DB_POOL_TIMEOUT")) is not None:
+        kwargs["db_pool_timeout"] = _float("KEEL_DB_POOL_TIMEOUT", v, 0.1, 300)
+    if (v := get("KEEL_HEALTH_TIMEOUT")) is not None:
+        kwargs["health_timeout"] = _float("KEEL_HEALTH_TIMEOUT", v, 0.05, 30)
+    kwargs["otel_endpoint"] = get("OTEL_EXPORTER_OTLP_ENDPOINT") or get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if (v := get("OTEL_SERVICE_NAME")) is not None:
+        kwargs["service_name"] = v
+    return Settings(**kwargs)  # type: ignore[arg-type]
+
+
+def settings_or_exit(env: Mapping[str, str] | None = None) -> Settings:
+    try:
+        return load_settings(env)
+    except SettingsError as exc:
+        print(f"keel: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

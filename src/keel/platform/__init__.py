@@ -1,0 +1,1 @@
+"""Cross-cutting capabilities shared by every bounded context (errors, ids, paging, clock, health)."""

@@ -1,0 +1,108 @@
+"""Session-wide real dependencies: a throwaway Postgres and Redis from the local binaries.
+
+Each test that needs a database gets a fresh one: Postgres clones a migrated template database
+(CREATE DATABASE ... TEMPLATE, milliseconds), SQLite copies a migrated template file.
+"""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from keel.main import db
+from keel.main.logging import configure_logging
+from tests.support.servers import PostgresServer, RedisServer, postgres_server, redis_server
+
+TEMPLATE_DB = "keel_template"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    configure_logging("WARNING", json=True)
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
+        import asyncio
+
+        async def _template() -> None:
+            conn = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="postgres")
+            try:
+                await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+            finally:
+                await conn.close()
+
+        # Session fixtures may first be requested from inside an async test's loop.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, _template()).result()
+        db.upgrade(server.url(TEMPLATE_DB))
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_proc() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+async def redis_url(redis_proc: RedisServer) -> AsyncIterator[str]:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_proc.url)
+    await client.flushall()
+    await client.aclose()
+    yield redis_proc.url
+
+
+async def _create_db(server: PostgresServer, name: str) -> None:
+    conn = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="postgres")
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_db(server: PostgresServer, name: str) -> None:
+    conn = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="postgres")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def pg_url(pg: PostgresServer) -> AsyncIterator[str]:
+    """A fresh, migrated Postgres database for one test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    await _create_db(pg, name)
+    yield pg.url(name)
+    await _drop_db(pg, name)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite-template") / "keel.db"
+    db.upgrade(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """A fresh, migrated SQLite database file for one test."""
+    target = tmp_path / "keel.db"
+    shutil.copy(sqlite_template, target)
+    return f"sqlite+aiosqlite:///{target}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Both SQL backends: the embedded default and production."""
+    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    return str(request.getfixturevalue(name))

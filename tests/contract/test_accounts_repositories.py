@@ -1,0 +1,212 @@
+"""One contract for the accounts storage ports, run against the fake, SQLite and Postgres."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from keel.contexts.accounts.adapters.sql.repositories import SqlAccountsUnitOfWork
+from keel.contexts.accounts.domain.errors import EmailTaken
+from keel.contexts.accounts.domain.model import ApiKey, Role, Tenant, TenantConfig, User, hash_token
+from keel.contexts.accounts.ports.repositories import AccountsUnitOfWork
+from keel.platform.adapters.sql.engine import create_engine, session_factory
+from keel.platform.domain.ids import new_id
+from keel.platform.domain.paging import PageRequest
+from tests.fakes.accounts import AccountsState, InMemoryAccountsUnitOfWork
+
+NOW = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
+
+UowFactory = Callable[[], AccountsUnitOfWork]
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """'memory', or the URL of a fresh migrated database."""
+    if request.param == "memory":
+        return "memory"
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+
+
+@pytest.fixture
+async def uow(backend: str) -> AsyncIterator[UowFactory]:
+    if backend == "memory":
+        state = AccountsState()
+        yield lambda: InMemoryAccountsUnitOfWork(state)
+        return
+    engine = create_engine(backend)
+    sessions = session_factory(engine)
+    yield lambda: SqlAccountsUnitOfWork(sessions)
+    await engine.dispose()
+
+
+def tenant(name: str = "Acme") -> Tenant:
+    return Tenant(
+        id=new_id(),
+        name=name,
+        config=TenantConfig(display_name=name, timezone="Europe/Paris", locale="fr-FR", rate_limit_per_minute=120),
+        created_at=NOW,
+        updated_at=NOW,
+    )
+
+
+def user(t: Tenant, email: str, name: str = "Someone") -> User:
+    return User(
+        id=new_id(), tenant_id=t.id, email=email, name=name, role=Role.MEMBER, created_at=NOW, updated_at=NOW
+    )
+
+
+def key(t: Tenant, token: str) -> ApiKey:
+    return ApiKey(
+        id=new_id(),
+        tenant_id=t.id,
+        name="k",
+        display_prefix=token[:12],
+        secret_hash=hash_token(token),
+        created_at=NOW,
+    )
+
+
+async def seed(uow: UowFactory, *tenants: Tenant) -> None:
+    async with uow() as u:
+        for t in tenants:
+            await u.tenants.add(t)
+        await u.commit()
+
+
+async def test_tenant_round_trip_keeps_config_and_times(uow: UowFactory) -> None:
+    t = tenant()
+    await seed(uow, t)
+    async with uow() as u:
+        assert await u.tenants.get(t.id) == t
+        changed = replace(t, config=replace_config(t.config), updated_at=NOW + timedelta(minutes=5))
+        await u.tenants.update(changed)
+        await u.commit()
+    async with uow() as u:
+        assert await u.tenants.get(t.id) == changed
+        assert await u.tenants.get(new_id()) is None
+
+
+def replace_config(c: TenantConfig) -> TenantConfig:
+    import msgspec
+
+    return msgspec.structs.replace(c, display_name="Renamed", rate_limit_per_minute=None)
+
+
+async def test_leaving_without_commit_discards_everything(uow: UowFactory) -> None:
+    t = tenant()
+    async with uow() as u:
+        await u.tenants.add(t)
+        await u.users.add(user(t, "a@x.test"))
+    async with uow() as u:
+        assert await u.tenants.get(t.id) is None
+
+
+async def test_users_are_scoped_to_their_tenant(uow: UowFactory) -> None:
+    a, b = tenant("A"), tenant("B")
+    await seed(uow, a, b)
+    ua = user(a, "same@x.test")
+    async with uow() as u:
+        await u.users.add(ua)
+        # The same email in another tenant is a different person.
+        await u.users.add(user(b, "same@x.test"))
+        await u.commit()
+    async with uow() as u:
+        assert await u.users.get(a.id, ua.id) == ua
+        assert await u.users.get(b.id, ua.id) is None
+        assert await u.users.delete(b.id, ua.id) is False
+        await u.users.update(replace(ua, tenant_id=b.id, name="hijack"))
+        await u.commit()
+    async with uow() as u:
+        assert (await u.users.get(a.id, ua.id)) == ua
+
+
+async def test_email_is_unique_within_a_tenant(uow: UowFactory) -> None:
+    t = tenant()
+    await seed(uow, t)
+    first, second = user(t, "one@x.test"), user(t, "two@x.test")
+    async with uow() as u:
+        await u.users.add(first)
+        await u.users.add(second)
+        await u.commit()
+    async with uow() as u:
+        with pytest.raises(EmailTaken):
+            await u.users.add(user(t, "one@x.test"))
+    async with uow() as u:
+        with pytest.raises(EmailTaken):
+            await u.users.update(replace(second, email="one@x.test"))
+
+
+async def test_user_update_and_delete(uow: UowFactory) -> None:
+    t = tenant()
+    await seed(uow, t)
+    x = user(t, "x@x.test")
+    async with uow() as u:
+        await u.users.add(x)
+        await u.commit()
+    changed = replace(x, email="new@x.test", name="New Name", updated_at=NOW + timedelta(hours=1))
+    async with uow() as u:
+        await u.users.update(changed)
+        await u.commit()
+    async with uow() as u:
+        assert await u.users.get(t.id, x.id) == changed
+        assert await u.users.delete(t.id, x.id) is True
+        await u.commit()
+    async with uow() as u:
+        assert await u.users.get(t.id, x.id) is None
+        assert await u.users.delete(t.id, x.id) is False
+
+
+async def test_user_pages_follow_creation_order_without_gaps_or_repeats(uow: UowFactory) -> None:
+    a, b = tenant("A"), tenant("B")
+    await seed(uow, a, b)
+    created = [user(a, f"u{i}@x.test") for i in range(7)]
+    async with uow() as u:
+        for x in created:
+            await u.users.add(x)
+        await u.users.add(user(b, "foreign@x.test"))
+        await u.commit()
+    seen: list[User] = []
+    after = None
+    pages = 0
+    while True:
+        async with uow() as u:
+            page = await u.users.list(a.id, PageRequest(limit=3, after=after))
+        seen.extend(page.items)
+        pages += 1
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert [x.id for x in seen] == [x.id for x in created]
+    assert pages == 3
+    async with uow() as u:
+        exact = await u.users.list(a.id, PageRequest(limit=7))
+    assert len(exact.items) == 7
+    assert exact.next_after is None
+
+
+async def test_api_keys_resolve_by_hash_and_revoke(uow: UowFactory) -> None:
+    a, b = tenant("A"), tenant("B")
+    await seed(uow, a, b)
+    ka, kb = key(a, "keel_token_a_0123456789"), key(b, "keel_token_b_0123456789")
+    async with uow() as u:
+        await u.api_keys.add(ka)
+        await u.api_keys.add(kb)
+        await u.commit()
+    async with uow() as u:
+        assert await u.api_keys.find_by_hash(hash_token("keel_token_a_0123456789")) == ka
+        assert await u.api_keys.find_by_hash(hash_token("nope")) is None
+        assert await u.api_keys.get(a.id, ka.id) == ka
+        assert await u.api_keys.get(b.id, ka.id) is None
+        page = await u.api_keys.list(a.id, PageRequest(limit=10))
+        assert [k.id for k in page.items] == [ka.id]
+        revoked = ka.revoked(NOW + timedelta(days=1))
+        await u.api_keys.update(revoked)
+        await u.commit()
+    async with uow() as u:
+        found = await u.api_keys.find_by_hash(ka.secret_hash)
+        assert found is not None
+        assert found.revoked_at == NOW + timedelta(days=1)
+        assert not found.is_active

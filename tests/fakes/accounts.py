@@ -1,0 +1,130 @@
+"""In-memory accounts storage with real state and real transaction semantics (stage, then commit)."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self, TypeVar
+
+from keel.contexts.accounts.domain.errors import EmailTaken
+from keel.contexts.accounts.domain.model import ApiKey, Tenant, User
+from keel.platform.domain.paging import Page, PageRequest
+
+
+@dataclass
+class AccountsState:
+    tenants: dict[uuid.UUID, Tenant] = field(default_factory=dict)
+    users: dict[uuid.UUID, User] = field(default_factory=dict)
+    api_keys: dict[uuid.UUID, ApiKey] = field(default_factory=dict)
+
+
+R = TypeVar("R", User, ApiKey)
+
+
+def _page(rows: list[R], page: PageRequest) -> Page[R]:
+    rows = sorted(rows, key=lambda r: r.id)
+    if page.after is not None:
+        rows = [r for r in rows if r.id > page.after]
+    return Page.from_overfetch(rows[: page.fetch], page)
+
+
+class InMemoryTenantRepository:
+    def __init__(self, state: AccountsState) -> None:
+        self._s = state
+
+    async def add(self, tenant: Tenant) -> None:
+        self._s.tenants[tenant.id] = copy.deepcopy(tenant)
+
+    async def get(self, tenant_id: uuid.UUID) -> Tenant | None:
+        t = self._s.tenants.get(tenant_id)
+        return copy.deepcopy(t) if t else None
+
+    async def update(self, tenant: Tenant) -> None:
+        if tenant.id in self._s.tenants:
+            self._s.tenants[tenant.id] = copy.deepcopy(tenant)
+
+
+class InMemoryUserRepository:
+    def __init__(self, state: AccountsState) -> None:
+        self._s = state
+
+    def _check_email(self, user: User) -> None:
+        for other in self._s.users.values():
+            if other.tenant_id == user.tenant_id and other.email == user.email and other.id != user.id:
+                raise EmailTaken
+
+    async def add(self, user: User) -> None:
+        self._check_email(user)
+        self._s.users[user.id] = copy.deepcopy(user)
+
+    async def get(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> User | None:
+        u = self._s.users.get(user_id)
+        return copy.deepcopy(u) if u and u.tenant_id == tenant_id else None
+
+    async def list(self, tenant_id: uuid.UUID, page: PageRequest) -> Page[User]:
+        return _page([copy.deepcopy(u) for u in self._s.users.values() if u.tenant_id == tenant_id], page)
+
+    async def update(self, user: User) -> None:
+        current = self._s.users.get(user.id)
+        if current is None or current.tenant_id != user.tenant_id:
+            return
+        self._check_email(user)
+        self._s.users[user.id] = copy.deepcopy(user)
+
+    async def delete(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+        u = self._s.users.get(user_id)
+        if u is None or u.tenant_id != tenant_id:
+            return False
+        del self._s.users[user_id]
+        return True
+
+
+class InMemoryApiKeyRepository:
+    def __init__(self, state: AccountsState) -> None:
+        self._s = state
+
+    async def add(self, key: ApiKey) -> None:
+        if any(k.secret_hash == key.secret_hash for k in self._s.api_keys.values()):
+            raise ValueError("duplicate secret hash")
+        self._s.api_keys[key.id] = copy.deepcopy(key)
+
+    async def get(self, tenant_id: uuid.UUID, key_id: uuid.UUID) -> ApiKey | None:
+        k = self._s.api_keys.get(key_id)
+        return copy.deepcopy(k) if k and k.tenant_id == tenant_id else None
+
+    async def find_by_hash(self, secret_hash: str) -> ApiKey | None:
+        return next((copy.deepcopy(k) for k in self._s.api_keys.values() if k.secret_hash == secret_hash), None)
+
+    async def list(self, tenant_id: uuid.UUID, page: PageRequest) -> Page[ApiKey]:
+        return _page([copy.deepcopy(k) for k in self._s.api_keys.values() if k.tenant_id == tenant_id], page)
+
+    async def update(self, key: ApiKey) -> None:
+        current = self._s.api_keys.get(key.id)
+        if current is not None and current.tenant_id == key.tenant_id:
+            self._s.api_keys[key.id] = copy.deepcopy(key)
+
+
+class InMemoryAccountsUnitOfWork:
+    """Works on a private copy of the committed state; ``commit`` publishes it, leaving discards it."""
+
+    def __init__(self, committed: AccountsState) -> None:
+        self._committed = committed
+
+    async def __aenter__(self) -> Self:
+        self._staged = copy.deepcopy(self._committed)
+        self.tenants = InMemoryTenantRepository(self._staged)
+        self.users = InMemoryUserRepository(self._staged)
+        self.api_keys = InMemoryApiKeyRepository(self._staged)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        del self._staged
+
+    async def commit(self) -> None:
+        self._committed.tenants = copy.deepcopy(self._staged.tenants)
+        self._committed.users = copy.deepcopy(self._staged.users)
+        self._committed.api_keys = copy.deepcopy(self._staged.api_keys)

@@ -1,0 +1,34 @@
+"""Build the real app against real backends for HTTP-level tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from keel.main.app import create_app
+from keel.main.settings import Settings, load_settings
+
+
+def make_settings(database_url: str, data_dir: Path, **env: str) -> Settings:
+    return load_settings({"KEEL_DATABASE_URL": database_url, "KEEL_DATA_DIR": str(data_dir), **env})
+
+
+@asynccontextmanager
+async def client_for(settings: Settings, **kwargs: Any) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    app = create_app(settings, configure_logs=False, **kwargs)
+    async with AsyncTestClient(app=app, base_url="http://127.0.0.1") as client:
+        yield client
+
+
+async def signup(client: AsyncTestClient[Litestar], org: str = "Acme", email: str = "owner@acme.test") -> dict[str, Any]:
+    """Sign up a tenant; returns the response body plus ``headers`` ready for authenticated calls."""
+    r = await client.post("/v1/signup", json={"organization": org, "owner_email": email, "owner_name": "Owner"})
+    assert r.status_code == 201, r.text
+    body: dict[str, Any] = r.json()
+    body["headers"] = {"Authorization": f"Bearer {body['api_key']['token']}"}
+    return body
