@@ -37,6 +37,16 @@ def _serve(args: argparse.Namespace) -> int:
         workers=workers,
         log_access=False,
         respawn_failed_workers=True,
+        # Route the server's own records through loguru so every line shares one format.
+        log_dictconfig={
+            "version": 1,
+            "disable_existing_loggers": False,
+            "handlers": {"loguru": {"class": "keel.main.logging.InterceptHandler"}},
+            "loggers": {
+                "_granian": {"handlers": ["loguru"], "level": "INFO", "propagate": False},
+                "granian.access": {"handlers": ["loguru"], "level": "WARNING", "propagate": False},
+            },
+        },
         reload=args.reload,
     ).serve()
     return 0

@@ -8,6 +8,7 @@ from typing import Any
 
 from litestar import MediaType, Request, Response, get
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.params import FromPath
 from loguru import logger
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -148,8 +149,8 @@ def _domain(request: Request[Any, Any, Any], exc: DomainError) -> Response[Probl
     return problem_response(request, status, exc.detail, slug=exc.code)
 
 
-@get("/problems/{slug:str}", exclude_from_auth=True, security=[], include_in_schema=False, media_type=MediaType.JSON)
-async def describe_problem(slug: str) -> dict[str, Any]:
+@get("/problems/{slug:str}", exclude_from_auth=True, include_in_schema=False, media_type=MediaType.JSON)
+async def describe_problem(slug: FromPath[str]) -> dict[str, Any]:
     """Human-readable documentation for each problem ``type`` URI."""
     ptype = problem_types().get(slug)
     if ptype is None:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from litestar import Response, get
+from litestar.di import NamedDependency
 from loguru import logger
 
 from keel.platform.ports.health import HealthCheck
@@ -52,13 +53,12 @@ class HealthProbe:
 @get(
     "/healthz",
     exclude_from_auth=True,
-    security=[],
     tags=["operations"],
     summary="Readiness: checks every dependency",
     description="`application/health+json`; 503 when any dependency fails.",
     media_type=HEALTH_MEDIA_TYPE,
 )
-async def healthz(health: HealthProbe) -> Response[dict[str, Any]]:
+async def healthz(health: NamedDependency[HealthProbe]) -> Response[dict[str, Any]]:
     ok, body = await health.report()
     return Response(
         body, status_code=200 if ok else 503, media_type=HEALTH_MEDIA_TYPE, headers={"Cache-Control": "no-store"}
@@ -68,7 +68,6 @@ async def healthz(health: HealthProbe) -> Response[dict[str, Any]]:
 @get(
     "/livez",
     exclude_from_auth=True,
-    security=[],
     tags=["operations"],
     summary="Liveness: the process answers (touches no dependency)",
     media_type=HEALTH_MEDIA_TYPE,

@@ -114,7 +114,8 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
         logger.add(_json_sink, level=level, backtrace=False, diagnose=False)
     else:
         logger.add(sys.stderr, level=level, format=_PRETTY, backtrace=False, diagnose=False)
-    logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+    # Filter stdlib records at the source: below the level they would only be built to be dropped.
+    logging.basicConfig(handlers=[InterceptHandler()], level=logger.level(level).no, force=True)
     for name in ("sqlalchemy.engine", "aiosqlite", "asyncio", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Server access logs duplicate Keel's own access line, which carries the request id.

@@ -16,8 +16,15 @@ from keel.platform.context import request_id_var
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+# "/v1/users/{user_id:uuid}" -> "/v1/users/{user_id}", the form OpenAPI and tracing backends expect.
+_PARAM_TYPE = re.compile(r"\{(\w+):[^}]+\}")
 _STATE_ID = "keel.request_id"
 _STATE_START = "keel.started"
+
+
+def route_of(scope: Scope) -> str | None:
+    template = scope.get("path_template")
+    return _PARAM_TYPE.sub(r"{\1}", template) if template else None
 
 
 def ensure_request_id(scope: Scope) -> str:
@@ -52,10 +59,20 @@ async def echo_request_id(message: Message, scope: Scope) -> None:
         request_id=rid,
         method=scope.get("method"),
         path=scope.get("path"),
-        route=scope.get("path_template"),
+        route=route_of(scope),
         status=status,
         duration_ms=round((time.perf_counter() - started) * 1000, 2) if started else None,
-    ).log("WARNING" if status >= 500 else "INFO", "request served")
+    ).log(_access_level(scope.get("path", ""), status), "request served")
+
+
+_PROBES = frozenset({"/livez", "/healthz"})
+
+
+def _access_level(path: str, status: int) -> str:
+    if status >= 500:
+        return "WARNING"
+    # Orchestrators poll the probes every few seconds; at INFO they would drown real traffic.
+    return "DEBUG" if path in _PROBES else "INFO"
 
 
 class RequestContextMiddleware:
@@ -72,7 +89,7 @@ class RequestContextMiddleware:
         token = request_id_var.set(ensure_request_id(scope))
         span = trace.get_current_span()
         if span.is_recording():
-            route = scope.get("path_template") or scope.get("path", "")
+            route = route_of(scope) or scope.get("path", "")
             span.update_name(f"{scope.get('method')} {route}")
             span.set_attribute(HTTP_ROUTE, route)
         try:

@@ -7,6 +7,8 @@ from typing import TypeVar
 
 import msgspec
 from litestar import Controller, Response, delete, get, patch, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from keel.contexts.accounts.adapters.http.schemas import (
@@ -26,11 +28,14 @@ from keel.contexts.accounts.adapters.http.schemas import (
 from keel.contexts.accounts.domain.commands import ChangeTenantConfig, ChangeUser, CreateUser, Signup
 from keel.contexts.accounts.domain.model import IssuedApiKey
 from keel.contexts.accounts.domain.services import AccountsService
+from keel.platform.adapters.http.auth import BEARER_AUTH
 from keel.platform.adapters.http.paging import CursorParam, LimitParam, encode_cursor, page_request
 from keel.platform.adapters.http.problems import problem_responses
 from keel.platform.domain.tenancy import Principal
 
 T = TypeVar("T")
+Accounts = NamedDependency[AccountsService]
+Caller = NamedDependency[Principal]
 
 _AUTH = (400, 401, 415, 422, 429)
 
@@ -56,12 +61,11 @@ class SignupController(Controller):
         "/",
         status_code=HTTP_201_CREATED,
         exclude_from_auth=True,
-        security=[],
         summary="Create a tenant, its owner and its first API key",
         description="The API key's `token` is shown in this response only; Keel stores its SHA-256.",
         responses=problem_responses(400, 409, 413, 415, 422, 429),
     )
-    async def signup(self, data: SignupIn, accounts: AccountsService) -> SignupOut:
+    async def signup(self, data: JSONBody[SignupIn], accounts: Accounts) -> SignupOut:
         result = await accounts.signup(_convert(data, Signup))
         return SignupOut(
             tenant=TenantOut.of(result.tenant), user=UserOut.of(result.owner), api_key=_issued(result.api_key)
@@ -71,23 +75,25 @@ class SignupController(Controller):
 class TenantController(Controller):
     path = "/v1/tenant"
     tags = ["accounts"]
+    security = BEARER_AUTH
 
     @get("/", summary="The calling tenant", responses=problem_responses(401, 429))
-    async def get_tenant(self, accounts: AccountsService, principal: Principal) -> TenantOut:
+    async def get_tenant(self, accounts: Accounts, principal: Caller) -> TenantOut:
         return TenantOut.of(await accounts.get_tenant(principal))
 
     @patch("/config", summary="Change tenant configuration", responses=problem_responses(*_AUTH, 413))
-    async def patch_config(self, data: TenantConfigPatch, accounts: AccountsService, principal: Principal) -> TenantOut:
+    async def patch_config(self, data: JSONBody[TenantConfigPatch], accounts: Accounts, principal: Caller) -> TenantOut:
         return TenantOut.of(await accounts.change_tenant_config(principal, _convert(data, ChangeTenantConfig)))
 
 
 class ApiKeyController(Controller):
     path = "/v1/api-keys"
     tags = ["accounts"]
+    security = BEARER_AUTH
 
     @get("/", summary="List API keys", responses=problem_responses(*_AUTH))
     async def list_keys(
-        self, accounts: AccountsService, principal: Principal, limit: LimitParam = 50, cursor: CursorParam = None
+        self, accounts: Accounts, principal: Caller, limit: LimitParam = 50, cursor: CursorParam = None
     ) -> ApiKeyList:
         page = await accounts.list_api_keys(principal, page_request(limit, cursor))
         return ApiKeyList(items=[ApiKeyOut.of(k) for k in page.items], next_cursor=encode_cursor(page.next_after))
@@ -99,7 +105,7 @@ class ApiKeyController(Controller):
         description="The `token` is shown in this response only.",
         responses=problem_responses(*_AUTH, 413),
     )
-    async def create_key(self, data: ApiKeyIn, accounts: AccountsService, principal: Principal) -> IssuedApiKeyOut:
+    async def create_key(self, data: JSONBody[ApiKeyIn], accounts: Accounts, principal: Caller) -> IssuedApiKeyOut:
         return _issued(await accounts.create_api_key(principal, data.name))
 
     @delete(
@@ -108,33 +114,34 @@ class ApiKeyController(Controller):
         summary="Revoke an API key (effective immediately)",
         responses=problem_responses(*_AUTH, 404),
     )
-    async def revoke_key(self, key_id: uuid.UUID, accounts: AccountsService, principal: Principal) -> None:
+    async def revoke_key(self, key_id: FromPath[uuid.UUID], accounts: Accounts, principal: Caller) -> None:
         await accounts.revoke_api_key(principal, key_id)
 
 
 class UserController(Controller):
     path = "/v1/users"
     tags = ["accounts"]
+    security = BEARER_AUTH
 
     @get("/", summary="List users", responses=problem_responses(*_AUTH))
     async def list_users(
-        self, accounts: AccountsService, principal: Principal, limit: LimitParam = 50, cursor: CursorParam = None
+        self, accounts: Accounts, principal: Caller, limit: LimitParam = 50, cursor: CursorParam = None
     ) -> UserList:
         page = await accounts.list_users(principal, page_request(limit, cursor))
         return UserList(items=[UserOut.of(u) for u in page.items], next_cursor=encode_cursor(page.next_after))
 
     @post("/", status_code=HTTP_201_CREATED, summary="Create a user", responses=problem_responses(*_AUTH, 409, 413))
-    async def create_user(self, data: UserIn, accounts: AccountsService, principal: Principal) -> Response[UserOut]:
+    async def create_user(self, data: JSONBody[UserIn], accounts: Accounts, principal: Caller) -> Response[UserOut]:
         user = await accounts.create_user(principal, _convert(data, CreateUser))
         return Response(UserOut.of(user), status_code=HTTP_201_CREATED, headers={"Location": f"/v1/users/{user.id}"})
 
     @get("/{user_id:uuid}", summary="Read a user profile", responses=problem_responses(*_AUTH, 404))
-    async def get_user(self, user_id: uuid.UUID, accounts: AccountsService, principal: Principal) -> UserOut:
+    async def get_user(self, user_id: FromPath[uuid.UUID], accounts: Accounts, principal: Caller) -> UserOut:
         return UserOut.of(await accounts.get_user(principal, user_id))
 
     @patch("/{user_id:uuid}", summary="Change a user profile", responses=problem_responses(*_AUTH, 404, 409, 413))
     async def patch_user(
-        self, user_id: uuid.UUID, data: UserPatch, accounts: AccountsService, principal: Principal
+        self, user_id: FromPath[uuid.UUID], data: JSONBody[UserPatch], accounts: Accounts, principal: Caller
     ) -> UserOut:
         return UserOut.of(await accounts.change_user(principal, user_id, _convert(data, ChangeUser)))
 
@@ -144,7 +151,7 @@ class UserController(Controller):
         summary="Delete a user",
         responses=problem_responses(*_AUTH, 404, 409),
     )
-    async def delete_user(self, user_id: uuid.UUID, accounts: AccountsService, principal: Principal) -> None:
+    async def delete_user(self, user_id: FromPath[uuid.UUID], accounts: Accounts, principal: Caller) -> None:
         await accounts.delete_user(principal, user_id)
 
 

@@ -1,0 +1,302 @@
+"""The migration history on both backends: it applies to an empty database, reverses cleanly, and
+matches the models exactly (no drift between ``all_metadata()`` and what the migrations build).
+
+These tests start from empty databases, never from the migrated templates in ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from advanced_alchemy.types import GUID, DateTimeUTC
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Column, Integer, MetaData, String, Table, inspect
+from sqlalchemy.engine import Connection
+
+from keel.main import db
+from keel.platform.adapters.sql.engine import create_engine
+from tests.support.servers import PostgresServer
+
+APP_TABLES = {"tenants", "users", "api_keys"}
+VERSION_TABLE = "alembic_version"
+ENV_PY = db.migrations_dir() / "env.py"
+
+
+# -- fixtures: empty databases ----------------------------------------------------------------
+
+
+async def _admin(server: PostgresServer, sql: str) -> None:
+    conn = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="postgres")
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def empty_sqlite_url(tmp_path: Path) -> str:
+    path = tmp_path / "empty.db"
+    assert not path.exists()
+    return f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.fixture
+async def empty_pg_url(pg: PostgresServer) -> AsyncIterator[str]:
+    """A brand-new database cloned from template0: nothing migrated, nothing from the keel template."""
+    name = f"m_{uuid.uuid4().hex[:12]}"
+    await _admin(pg, f'CREATE DATABASE "{name}" TEMPLATE template0')
+    yield pg.url(name)
+    await _admin(pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue("empty_sqlite_url" if request.param == "sqlite" else "empty_pg_url"))
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+async def _with_connection(url: str, fn: Callable[[Connection], Any]) -> Any:
+    """Run ``fn`` on a sync connection of the same async engine the app and env.py use."""
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(fn)
+    finally:
+        await engine.dispose()
+
+
+async def table_names(url: str) -> set[str]:
+    return await _with_connection(url, lambda c: set(inspect(c).get_table_names()))
+
+
+async def current_revision(url: str) -> str | None:
+    return await _with_connection(url, lambda c: MigrationContext.configure(c).get_current_revision())
+
+
+def script_directory() -> ScriptDirectory:
+    return ScriptDirectory.from_config(db.alembic_config("sqlite://"))
+
+
+def head_revision() -> str:
+    head = script_directory().get_current_head()
+    assert head is not None
+    return head
+
+
+def _env_compare_type() -> Callable[..., bool | None]:
+    """migrations/env.py's own ``_compare_type`` (env.py cannot be imported: it runs migrations on import)."""
+    tree = ast.parse(ENV_PY.read_text(), filename=str(ENV_PY))
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_compare_type")
+    namespace: dict[str, Any] = {"GUID": GUID, "DateTimeUTC": DateTimeUTC}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(ENV_PY), "exec"), namespace)
+    return namespace["_compare_type"]  # type: ignore[no-any-return]
+
+
+compare_type = _env_compare_type()
+
+
+async def schema_diffs(url: str, metadata: MetaData | None = None) -> list[Any]:
+    """Autogenerate's differences between the database and the models, configured as env.py does."""
+    target = metadata if metadata is not None else db.all_metadata()
+
+    def compare(conn: Connection) -> list[Any]:
+        ctx = MigrationContext.configure(
+            connection=conn,
+            opts={
+                "target_metadata": target,
+                "render_as_batch": True,
+                "compare_type": compare_type,
+                "user_module_prefix": "advanced_alchemy.types.",
+            },
+        )
+        return list(compare_metadata(ctx, target))
+
+    return await _with_connection(url, compare)
+
+
+async def assert_at_head(url: str) -> None:
+    assert await table_names(url) == APP_TABLES | {VERSION_TABLE}
+    assert await current_revision(url) == head_revision()
+
+
+async def assert_at_base(url: str) -> None:
+    # Alembic keeps its (empty) version table; every application table is gone.
+    assert await table_names(url) - {VERSION_TABLE} == set()
+    assert await current_revision(url) is None
+
+
+# -- upgrade / downgrade ----------------------------------------------------------------------
+
+
+async def test_upgrade_downgrade_upgrade(empty_url: str) -> None:
+    assert await table_names(empty_url) == set()
+    assert await current_revision(empty_url) is None
+
+    db.upgrade(empty_url, "head")
+    await assert_at_head(empty_url)
+
+    db.downgrade(empty_url, "base")
+    await assert_at_base(empty_url)
+
+    db.upgrade(empty_url, "head")
+    await assert_at_head(empty_url)
+    assert await schema_diffs(empty_url) == []
+
+
+async def test_upgrade_creates_expected_columns_indexes_and_constraints(empty_url: str) -> None:
+    db.upgrade(empty_url, "head")
+
+    def describe(conn: Connection) -> dict[str, Any]:
+        insp = inspect(conn)
+        return {
+            t: {
+                "columns": {c["name"]: c["nullable"] for c in insp.get_columns(t)},
+                "pk": insp.get_pk_constraint(t)["constrained_columns"],
+                "indexes": {i["name"]: list(i["column_names"]) for i in insp.get_indexes(t)},
+                "uniques": {tuple(u["column_names"]) for u in insp.get_unique_constraints(t)},
+                "fks": {(tuple(f["constrained_columns"]), f["referred_table"]) for f in insp.get_foreign_keys(t)},
+            }
+            for t in APP_TABLES
+        }
+
+    schema = await _with_connection(empty_url, describe)
+    assert schema["tenants"]["columns"] == {
+        "id": False,
+        "name": False,
+        "config": False,
+        "created_at": False,
+        "updated_at": False,
+    }
+    assert schema["api_keys"]["columns"]["revoked_at"] is True
+    assert set(schema["api_keys"]["columns"]) == {
+        "id",
+        "tenant_id",
+        "name",
+        "display_prefix",
+        "secret_hash",
+        "created_at",
+        "revoked_at",
+    }
+    assert set(schema["users"]["columns"]) == {"id", "tenant_id", "email", "name", "role", "created_at", "updated_at"}
+    for t in APP_TABLES:
+        assert schema[t]["pk"] == ["id"]
+    assert schema["users"]["indexes"]["ix_users_tenant_id_id"] == ["tenant_id", "id"]
+    assert schema["api_keys"]["indexes"]["ix_api_keys_tenant_id_id"] == ["tenant_id", "id"]
+    assert ("tenant_id", "email") in schema["users"]["uniques"]
+    assert ("secret_hash",) in schema["api_keys"]["uniques"]
+    assert schema["users"]["fks"] == {(("tenant_id",), "tenants")}
+    assert schema["api_keys"]["fks"] == {(("tenant_id",), "tenants")}
+
+
+async def test_every_revision_steps_up_and_down(empty_url: str) -> None:
+    order = [r.revision for r in reversed(list(script_directory().walk_revisions()))]
+    for rev in order:
+        db.upgrade(empty_url, rev)
+        assert await current_revision(empty_url) == rev
+    await assert_at_head(empty_url)
+    for expected in [*reversed(order[:-1]), None]:
+        db.downgrade(empty_url, "-1")
+        assert await current_revision(empty_url) == expected
+    await assert_at_base(empty_url)
+
+
+# -- drift ------------------------------------------------------------------------------------
+
+
+async def test_no_drift_between_models_and_migrations(empty_url: str) -> None:
+    db.upgrade(empty_url, "head")
+    assert await schema_diffs(empty_url) == []
+
+
+async def test_alembic_check_through_env_py_finds_no_drift(empty_url: str) -> None:
+    """The same question asked through migrations/env.py itself, as `keel migrate check` does."""
+    db.upgrade(empty_url, "head")
+    # env.py runs its own event loop, so it cannot run on this one.
+    await asyncio.to_thread(command.check, db.alembic_config(empty_url))
+
+
+async def test_drift_check_is_not_blind(empty_url: str) -> None:
+    """Control: the comparison does report differences, so an empty result above means something."""
+    db.upgrade(empty_url, "head")
+
+    extra_column = MetaData(naming_convention=db.all_metadata().naming_convention)
+    for table in db.all_metadata().tables.values():
+        table.to_metadata(extra_column)
+    extra_column.tables["users"].append_column(Column("nickname", String(50), nullable=True))
+    diffs = await schema_diffs(empty_url, extra_column)
+    assert [(d[0], d[2], d[3].name) for d in diffs if isinstance(d, tuple)] == [("add_column", "users", "nickname")]
+
+    extra_table = MetaData(naming_convention=db.all_metadata().naming_convention)
+    for table in db.all_metadata().tables.values():
+        table.to_metadata(extra_table)
+    Table("widgets", extra_table, Column("id", Integer, primary_key=True))
+    diffs = await schema_diffs(empty_url, extra_table)
+    assert [d[0] for d in diffs if isinstance(d, tuple)] == ["add_table"]
+
+    changed_type = MetaData(naming_convention=db.all_metadata().naming_convention)
+    for table in db.all_metadata().tables.values():
+        table.to_metadata(changed_type)
+    changed_type.tables["users"].c.role.type = Integer()
+    diffs = await schema_diffs(empty_url, changed_type)
+    flat = [d for group in diffs for d in (group if isinstance(group, list) else [group])]
+    assert [(d[0], d[2], d[3]) for d in flat] == [("modify_type", "users", "role")]
+
+
+def test_env_compare_type_semantics() -> None:
+    """advanced-alchemy's portable types count as equal; everything else gets alembic's default comparison."""
+    assert compare_type(None, None, None, String(), GUID()) is False
+    assert compare_type(None, None, None, String(), DateTimeUTC(timezone=True)) is False
+    assert compare_type(None, None, None, String(), String(10)) is None
+    assert compare_type(None, None, None, String(), Integer()) is None
+
+
+# -- history shape ----------------------------------------------------------------------------
+
+
+def test_single_head_and_linear_history() -> None:
+    script = script_directory()
+    heads = script.get_heads()
+    assert len(heads) == 1, f"multiple heads: {heads}"
+    bases = script.get_bases()
+    assert len(bases) == 1, f"multiple bases: {bases}"
+
+    revisions = list(script.walk_revisions())
+    assert revisions, "no migrations"
+    ids = [r.revision for r in revisions]
+    assert len(ids) == len(set(ids))
+    for rev in revisions:
+        assert rev.down_revision is None or isinstance(rev.down_revision, str), f"{rev.revision} is a merge"
+        assert not rev.is_merge_point, rev.revision
+        assert not rev.is_branch_point, rev.revision
+        assert not rev.branch_labels, rev.revision
+        assert not rev.dependencies, rev.revision
+        assert callable(getattr(rev.module, "upgrade", None)), rev.revision
+        assert callable(getattr(rev.module, "downgrade", None)), rev.revision
+
+    # Following down_revision from the head visits every revision exactly once, ending at the base.
+    chain: list[str] = []
+    current: str | None = heads[0]
+    while current is not None:
+        chain.append(current)
+        current = script.get_revision(current).down_revision  # type: ignore[union-attr,assignment]
+    assert chain == ids
+    assert chain[-1] == bases[0]
+
+
+def test_migration_files_are_the_whole_history() -> None:
+    """No stray file in versions/ that alembic would silently skip."""
+    files = {p.stem for p in (db.migrations_dir() / "versions").glob("*.py") if not p.name.startswith("__")}
+    modules = {Path(r.path).stem for r in script_directory().walk_revisions()}
+    assert files == modules

@@ -1,0 +1,240 @@
+"""Settings: defaults, normalisation, and one clear line naming the variable for every bad value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keel.main.settings import Settings, SettingsError, load_settings, settings_or_exit
+
+KEEL_BIN = Path(sys.executable).parent / "keel"
+
+
+def test_defaults_with_empty_env() -> None:
+    s = load_settings({})
+    assert s.database_url == "sqlite+aiosqlite:///var/keel.db"
+    assert s.is_embedded_db
+    assert s.redis_url is None
+    assert s.host == "127.0.0.1"
+    assert s.port == 8000
+    assert s.workers == 1
+    assert s.data_dir == Path("var")
+    assert s.log_level == "INFO"
+    assert s.log_json is None
+    assert s.webhooks_allow_private is False
+    assert s.migrate_on_start is None
+    assert s.should_migrate_on_start is True
+    assert s.max_body_bytes == 1024 * 1024
+    assert s.db_pool_size == 10
+    assert s.db_max_overflow == 10
+    assert s.db_pool_timeout == 5.0
+    assert s.health_timeout == 1.0
+    assert s.otel_endpoint is None
+    assert s.service_name == "keel"
+
+
+def test_empty_strings_count_as_unset() -> None:
+    env = dict.fromkeys(("KEEL_DATABASE_URL", "KEEL_PORT", "KEEL_WORKERS", "KEEL_LOG_LEVEL", "KEEL_REDIS_URL"), "")
+    assert load_settings(env) == load_settings({})
+
+
+def test_load_settings_reads_process_env_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_PORT", "9123")
+    assert load_settings().port == 9123
+    monkeypatch.setenv("KEEL_PORT", "nope")
+    with pytest.raises(SettingsError, match="KEEL_PORT"):
+        load_settings()
+
+
+def test_sqlite_url_follows_data_dir() -> None:
+    s = load_settings({"KEEL_DATA_DIR": "/srv/keel"})
+    assert s.data_dir == Path("/srv/keel")
+    assert s.database_url == "sqlite+aiosqlite:////srv/keel/keel.db"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("postgres://u:p@db:5432/keel", "postgresql+asyncpg://u:p@db:5432/keel"),
+        ("postgresql://u:p@db:5432/keel?sslmode=require", "postgresql+asyncpg://u:p@db:5432/keel?sslmode=require"),
+        ("postgresql+asyncpg://u@db/keel", "postgresql+asyncpg://u@db/keel"),
+        ("sqlite+aiosqlite:///tmp/x.db", "sqlite+aiosqlite:///tmp/x.db"),
+    ],
+)
+def test_database_url_normalisation(raw: str, expected: str) -> None:
+    assert load_settings({"KEEL_DATABASE_URL": raw}).database_url == expected
+
+
+def test_postgres_does_not_migrate_on_start_by_default() -> None:
+    s = load_settings({"KEEL_DATABASE_URL": "postgres://db/keel"})
+    assert not s.is_embedded_db
+    assert s.should_migrate_on_start is False
+
+
+@pytest.mark.parametrize(
+    ("url", "flag", "expected"),
+    [
+        ("postgres://db/keel", "true", True),
+        ("postgres://db/keel", "1", True),
+        ("postgres://db/keel", "false", False),
+        ("sqlite+aiosqlite:///x.db", "off", False),
+        ("sqlite+aiosqlite:///x.db", "YES", True),
+    ],
+)
+def test_migrate_on_start_override(url: str, flag: str, expected: bool) -> None:
+    s = load_settings({"KEEL_DATABASE_URL": url, "KEEL_MIGRATE_ON_START": flag})
+    assert s.should_migrate_on_start is expected
+
+
+def test_all_valid_overrides() -> None:
+    s = load_settings(
+        {
+            "KEEL_DATABASE_URL": "postgresql://db/keel",
+            "KEEL_REDIS_URL": "rediss://cache:6380/1",
+            "KEEL_HOST": "0.0.0.0",
+            "KEEL_PORT": "65535",
+            "KEEL_WORKERS": "64",
+            "KEEL_LOG_LEVEL": "debug",
+            "KEEL_LOG_JSON": "false",
+            "KEEL_WEBHOOKS_ALLOW_PRIVATE": "on",
+            "KEEL_MAX_BODY_BYTES": "1024",
+            "KEEL_DB_POOL_SIZE": "1",
+            "KEEL_DB_MAX_OVERFLOW": "0",
+            "KEEL_DB_POOL_TIMEOUT": "0.1",
+            "KEEL_HEALTH_TIMEOUT": "30",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://otel:4318/v1/traces",
+            "OTEL_SERVICE_NAME": "keel-eu",
+        }
+    )
+    assert s == Settings(
+        database_url="postgresql+asyncpg://db/keel",
+        redis_url="rediss://cache:6380/1",
+        host="0.0.0.0",
+        port=65535,
+        workers=64,
+        log_level="DEBUG",
+        log_json=False,
+        webhooks_allow_private=True,
+        max_body_bytes=1024,
+        db_pool_size=1,
+        db_max_overflow=0,
+        db_pool_timeout=0.1,
+        health_timeout=30.0,
+        otel_endpoint="http://otel:4318/v1/traces",
+        service_name="keel-eu",
+    )
+
+
+def test_log_json_auto_means_detect() -> None:
+    assert load_settings({"KEEL_LOG_JSON": "auto"}).log_json is None
+    assert load_settings({"KEEL_LOG_JSON": "AUTO"}).log_json is None
+    assert load_settings({"KEEL_LOG_JSON": "1"}).log_json is True
+
+
+def test_generic_otlp_endpoint_wins_over_traces_endpoint() -> None:
+    s = load_settings(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:4318", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://b:4318"}
+    )
+    assert s.otel_endpoint == "http://a:4318"
+
+
+@pytest.mark.parametrize("scheme", ["redis://localhost:6379/0", "rediss://h:1/2", "unix:///run/redis.sock"])
+def test_valid_redis_schemes(scheme: str) -> None:
+    assert load_settings({"KEEL_REDIS_URL": scheme}).redis_url == scheme
+
+
+INVALID = [
+    ("KEEL_PORT", "abc"),
+    ("KEEL_PORT", "80.5"),
+    ("KEEL_PORT", "-1"),
+    ("KEEL_PORT", "65536"),
+    ("KEEL_PORT", "100000"),
+    ("KEEL_WORKERS", "0"),
+    ("KEEL_WORKERS", "65"),
+    ("KEEL_WORKERS", "many"),
+    ("KEEL_LOG_JSON", "maybe"),
+    ("KEEL_WEBHOOKS_ALLOW_PRIVATE", "2"),
+    ("KEEL_MIGRATE_ON_START", "yep"),
+    ("KEEL_LOG_LEVEL", "LOUD"),
+    ("KEEL_LOG_LEVEL", "warn"),
+    ("KEEL_DATABASE_URL", "mysql://db/keel"),
+    ("KEEL_DATABASE_URL", "sqlite:///sync.db"),
+    ("KEEL_DATABASE_URL", "postgresql+psycopg://db/keel"),
+    ("KEEL_DATABASE_URL", "not a url"),
+    ("KEEL_REDIS_URL", "http://cache:6379"),
+    ("KEEL_REDIS_URL", "localhost:6379"),
+    ("KEEL_MAX_BODY_BYTES", "1023"),
+    ("KEEL_MAX_BODY_BYTES", "1mb"),
+    ("KEEL_DB_POOL_SIZE", "0"),
+    ("KEEL_DB_MAX_OVERFLOW", "-1"),
+    ("KEEL_DB_POOL_TIMEOUT", "fast"),
+    ("KEEL_DB_POOL_TIMEOUT", "0"),
+    ("KEEL_DB_POOL_TIMEOUT", "301"),
+    ("KEEL_DB_POOL_TIMEOUT", "nan"),
+    ("KEEL_DB_POOL_TIMEOUT", "inf"),
+    ("KEEL_HEALTH_TIMEOUT", "-1"),
+    ("KEEL_HEALTH_TIMEOUT", "1s"),
+    ("KEEL_HEALTH_TIMEOUT", "nan"),
+    ("KEEL_HEALTH_TIMEOUT", "31"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), INVALID)
+def test_invalid_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError) as exc:
+        load_settings({name: value})
+    assert str(exc.value).startswith(f"{name}:")
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize(("name", "value"), INVALID)
+def test_settings_or_exit_prints_one_line(name: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        settings_or_exit({name: value})
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert err.endswith("\n")
+    assert name in lines[0]
+    assert "Traceback" not in err
+
+
+def test_settings_or_exit_escapes_newlines_in_values(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        settings_or_exit({"KEEL_PORT": "80\n81"})
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_settings_or_exit_returns_settings_when_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert settings_or_exit({"KEEL_PORT": "8080"}).port == 8080
+    assert capsys.readouterr() == ("", "")
+
+
+def test_cli_exits_2_with_one_line_on_bad_setting(tmp_path: Path) -> None:
+    assert KEEL_BIN.exists(), KEEL_BIN
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_", "OTEL_"))}
+    env["KEEL_PORT"] = "abc"
+    env["KEEL_DATA_DIR"] = str(tmp_path / "data")
+    proc = subprocess.run(
+        [str(KEEL_BIN), "migrate", "current"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "KEEL_PORT" in lines[0]
+    # It stopped before touching the database.
+    assert not (tmp_path / "data").exists()
