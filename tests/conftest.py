@@ -7,9 +7,9 @@ Each test that needs a database gets a fresh one: Postgres clones a migrated tem
 from __future__ import annotations
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import asyncpg
@@ -52,13 +52,14 @@ def redis_proc() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def redis_url(redis_proc: RedisServer) -> AsyncIterator[str]:
+async def redis_url(redis_proc: RedisServer) -> str:
+    """The session's Redis, emptied for this test."""
     from redis.asyncio import Redis
 
     client = Redis.from_url(redis_proc.url)
     await client.flushall()
     await client.aclose()
-    yield redis_proc.url
+    return redis_proc.url
 
 
 async def _create_db(server: PostgresServer, name: str) -> None:

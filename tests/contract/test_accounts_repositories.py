@@ -53,9 +53,7 @@ def tenant(name: str = "Acme") -> Tenant:
 
 
 def user(t: Tenant, email: str, name: str = "Someone") -> User:
-    return User(
-        id=new_id(), tenant_id=t.id, email=email, name=name, role=Role.MEMBER, created_at=NOW, updated_at=NOW
-    )
+    return User(id=new_id(), tenant_id=t.id, email=email, name=name, role=Role.MEMBER, created_at=NOW, updated_at=NOW)
 
 
 def key(t: Tenant, token: str) -> ApiKey:

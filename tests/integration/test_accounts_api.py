@@ -15,7 +15,12 @@ Client = AsyncTestClient[Litestar]
 async def test_signup_create_user_read_user(client: Client, pg_url: str) -> None:
     r = await client.post(
         "/v1/signup",
-        json={"organization": "Acme", "owner_email": "Owner@Acme.TEST", "owner_name": "Olive", "timezone": "Europe/Paris"},
+        json={
+            "organization": "Acme",
+            "owner_email": "Owner@Acme.TEST",
+            "owner_name": "Olive",
+            "timezone": "Europe/Paris",
+        },
     )
     assert r.status_code == 201, r.text
     body = r.json()
@@ -98,7 +103,9 @@ async def test_tenant_config(client: Client, tenant: dict[str, Any]) -> None:
     assert r.status_code == 200
     assert r.json()["id"] == tenant["tenant"]["id"]
     r = await client.patch(
-        "/v1/tenant/config", json={"display_name": "Acme EU", "locale": "fr-FR", "rate_limit_per_minute": 600}, headers=h
+        "/v1/tenant/config",
+        json={"display_name": "Acme EU", "locale": "fr-FR", "rate_limit_per_minute": 600},
+        headers=h,
     )
     assert r.status_code == 200
     config = r.json()["config"]

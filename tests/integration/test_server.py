@@ -22,9 +22,11 @@ KEEL = str(Path(sys.executable).parent / "keel")
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     port = free_port()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("KEEL_", "OTEL_"))
-    } | {"KEEL_DATA_DIR": str(tmp_path / "data"), "KEEL_PORT": str(port), "KEEL_LOG_JSON": "true"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_", "OTEL_"))} | {
+        "KEEL_DATA_DIR": str(tmp_path / "data"),
+        "KEEL_PORT": str(port),
+        "KEEL_LOG_JSON": "true",
+    }
     log = tmp_path / "server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([KEEL, "serve"], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)

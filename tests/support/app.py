@@ -25,7 +25,9 @@ async def client_for(settings: Settings, **kwargs: Any) -> AsyncIterator[AsyncTe
         yield client
 
 
-async def signup(client: AsyncTestClient[Litestar], org: str = "Acme", email: str = "owner@acme.test") -> dict[str, Any]:
+async def signup(
+    client: AsyncTestClient[Litestar], org: str = "Acme", email: str = "owner@acme.test"
+) -> dict[str, Any]:
     """Sign up a tenant; returns the response body plus ``headers`` ready for authenticated calls."""
     r = await client.post("/v1/signup", json={"organization": org, "owner_email": email, "owner_name": "Owner"})
     assert r.status_code == 201, r.text

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from keel.main.settings import Settings, SettingsError, load_settings, settings_or_exit
 
@@ -60,13 +64,37 @@ def test_sqlite_url_follows_data_dir() -> None:
     ("raw", "expected"),
     [
         ("postgres://u:p@db:5432/keel", "postgresql+asyncpg://u:p@db:5432/keel"),
-        ("postgresql://u:p@db:5432/keel?sslmode=require", "postgresql+asyncpg://u:p@db:5432/keel?sslmode=require"),
+        ("postgresql://u:p@db:5432/keel", "postgresql+asyncpg://u:p@db:5432/keel"),
+        ("postgres://db/keel", "postgresql+asyncpg://db/keel"),
         ("postgresql+asyncpg://u@db/keel", "postgresql+asyncpg://u@db/keel"),
         ("sqlite+aiosqlite:///tmp/x.db", "sqlite+aiosqlite:///tmp/x.db"),
     ],
 )
 def test_database_url_normalisation(raw: str, expected: str) -> None:
     assert load_settings({"KEEL_DATABASE_URL": raw}).database_url == expected
+
+
+@pytest.mark.parametrize("query", ["sslmode=require", "sslmode=disable"])
+def test_libpq_url_with_sslmode_is_usable_by_the_driver(query: str) -> None:
+    """BUG: ``postgres://...?sslmode=require`` (the spelling hosting platforms hand out) is rewritten to
+    ``postgresql+asyncpg://...?sslmode=require``, but asyncpg has no ``sslmode`` argument (it is ``ssl``):
+    the first connection fails with ``TypeError: connect() got an unexpected keyword argument 'sslmode'``
+    instead of start-up failing with a SettingsError, or the parameter being translated.
+    """
+    url = f"postgres://u:p@db.example:5432/keel?{query}"
+    try:
+        s = load_settings({"KEEL_DATABASE_URL": url})
+    except SettingsError as exc:
+        rejected: str | None = str(exc)
+    else:
+        rejected = None
+    if rejected is not None:  # rejecting it up front, naming the variable, is an acceptable fix too
+        assert rejected.startswith("KEEL_DATABASE_URL:")
+        return
+    engine = create_async_engine(s.database_url)
+    _, kwargs = engine.dialect.create_connect_args(make_url(s.database_url))
+    accepted = set(inspect.signature(asyncpg.connect).parameters)
+    assert set(kwargs) <= accepted, f"asyncpg.connect() does not accept {set(kwargs) - accepted}"
 
 
 def test_postgres_does_not_migrate_on_start_by_default() -> None:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
@@ -86,6 +87,15 @@ def _float(name: str, raw: str, lo: float, hi: float) -> float:
 _DB_SCHEMES = ("sqlite+aiosqlite://", "postgresql+asyncpg://")
 
 
+def _asyncpg_query(url: str) -> str:
+    """asyncpg spells libpq's ``sslmode`` as ``ssl``; translate so platform-issued URLs just work."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    query = [("ssl" if k == "sslmode" else k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build settings from ``env`` (default: the process environment); raise ``SettingsError``."""
     e = os.environ if env is None else env
@@ -103,6 +113,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         database_url = "postgresql+asyncpg://" + database_url.split("://", 1)[1]
     if not database_url.startswith(_DB_SCHEMES):
         raise SettingsError(f"KEEL_DATABASE_URL: must start with one of {', '.join(_DB_SCHEMES)}")
+    if database_url.startswith("postgresql+asyncpg://"):
+        database_url = _asyncpg_query(database_url)
 
     redis_url = get("KEEL_REDIS_URL")
     if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -112,7 +124,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if (v := get("KEEL_HOST")) is not None:
         kwargs["host"] = v
     if (v := get("KEEL_PORT")) is not None:
-        kwargs["port"] = _int("KEEL_PORT", v, 0, 65535)
+        kwargs["port"] = _int("KEEL_PORT", v, 1, 65535)
     if (v := get("KEEL_WORKERS")) is not None:
         kwargs["workers"] = _int("KEEL_WORKERS", v, 1, 64)
     if (v := get("KEEL_LOG_LEVEL")) is not None:

@@ -19,6 +19,9 @@ CursorParam = Annotated[
 ]
 
 
+_CURSOR_LEN = 22  # 16 bytes in unpadded base64url
+
+
 class InvalidCursor(InvalidInput):
     def __init__(self) -> None:
         super().__init__("The cursor is not one this API issued.", pointer="#/cursor")
@@ -31,8 +34,11 @@ def encode_cursor(after: uuid.UUID | None) -> str | None:
 def decode_cursor(cursor: str | None) -> uuid.UUID | None:
     if cursor is None:
         return None
+    if len(cursor) != _CURSOR_LEN:
+        raise InvalidCursor
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        # validate=True: characters outside the alphabet are an error, not silently skipped.
+        raw = base64.b64decode(cursor + "==", altchars=b"-_", validate=True)
         return uuid.UUID(bytes=raw)
     except (binascii.Error, ValueError):
         raise InvalidCursor from None
