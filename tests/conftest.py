@@ -31,16 +31,9 @@ def pg() -> Iterator[PostgresServer]:
     with postgres_server() as server:
         import asyncio
 
-        async def _template() -> None:
-            conn = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="postgres")
-            try:
-                await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
-            finally:
-                await conn.close()
-
         # Session fixtures may first be requested from inside an async test's loop.
         with ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, _template()).result()
+            pool.submit(asyncio.run, _admin(server, f'CREATE DATABASE "{TEMPLATE_DB}"')).result()
         db.upgrade(server.url(TEMPLATE_DB))
         yield server
 
@@ -62,18 +55,10 @@ async def redis_url(redis_proc: RedisServer) -> str:
     return redis_proc.url
 
 
-async def _create_db(server: PostgresServer, name: str) -> None:
+async def _admin(server: PostgresServer, sql: str) -> None:
     conn = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="postgres")
     try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
-    finally:
-        await conn.close()
-
-
-async def _drop_db(server: PostgresServer, name: str) -> None:
-    conn = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="postgres")
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(sql)
     finally:
         await conn.close()
 
@@ -82,9 +67,9 @@ async def _drop_db(server: PostgresServer, name: str) -> None:
 async def pg_url(pg: PostgresServer) -> AsyncIterator[str]:
     """A fresh, migrated Postgres database for one test."""
     name = f"t_{uuid.uuid4().hex[:12]}"
-    await _create_db(pg, name)
+    await _admin(pg, f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
     yield pg.url(name)
-    await _drop_db(pg, name)
+    await _admin(pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

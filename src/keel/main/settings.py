@@ -9,10 +9,12 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
+
+N = TypeVar("N", int, float)
 
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
 
@@ -64,24 +66,23 @@ def _bool(name: str, raw: str) -> bool:
     raise SettingsError(f"{name}: expected true or false, got {raw!r}")
 
 
-def _int(name: str, raw: str, lo: int, hi: int) -> int:
+def _number(name: str, raw: str, kind: type[N], lo: N, hi: N) -> N:
     try:
-        v = int(raw)
+        v = kind(raw)
     except ValueError:
-        raise SettingsError(f"{name}: expected an integer, got {raw!r}") from None
+        expected = "an integer" if kind is int else "a number"
+        raise SettingsError(f"{name}: expected {expected}, got {raw!r}") from None
     if not lo <= v <= hi:
         raise SettingsError(f"{name}: must be between {lo} and {hi}, got {v}")
     return v
+
+
+def _int(name: str, raw: str, lo: int, hi: int) -> int:
+    return _number(name, raw, int, lo, hi)
 
 
 def _float(name: str, raw: str, lo: float, hi: float) -> float:
-    try:
-        v = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
-    if not lo <= v <= hi:
-        raise SettingsError(f"{name}: must be between {lo} and {hi}, got {v}")
-    return v
+    return _number(name, raw, float, lo, hi)
 
 
 _DB_SCHEMES = ("sqlite+aiosqlite://", "postgresql+asyncpg://")

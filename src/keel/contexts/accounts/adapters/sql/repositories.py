@@ -13,6 +13,7 @@ from keel.contexts.accounts.adapters.sql.models import ApiKeyRow, TenantRow, Use
 from keel.contexts.accounts.domain.errors import EmailTaken
 from keel.contexts.accounts.domain.model import ApiKey, Role, Tenant, TenantConfig, User
 from keel.platform.adapters.sql.errors import is_unique_violation
+from keel.platform.adapters.sql.paging import keyset_page
 from keel.platform.adapters.sql.uow import SqlUnitOfWork
 from keel.platform.domain.paging import Page, PageRequest
 
@@ -116,11 +117,9 @@ class SqlUserRepository:
         return _user(row) if row is not None else None
 
     async def list(self, tenant_id: uuid.UUID, page: PageRequest) -> Page[User]:
-        stmt = select(UserRow).where(UserRow.tenant_id == tenant_id)
-        if page.after is not None:
-            stmt = stmt.where(UserRow.id > page.after)
-        rows = (await self._s.execute(stmt.order_by(UserRow.id).limit(page.fetch))).scalars().all()
-        return Page.from_overfetch([_user(r) for r in rows], page)
+        return await keyset_page(
+            self._s, select(UserRow).where(UserRow.tenant_id == tenant_id), UserRow.id, page, _user
+        )
 
     async def update(self, user: User) -> None:
         row = await self._row(user.tenant_id, user.id)
@@ -168,10 +167,7 @@ class SqlApiKeyRepository:
 
     async def list(self, tenant_id: uuid.UUID, page: PageRequest) -> Page[ApiKey]:
         stmt = select(ApiKeyRow).where(ApiKeyRow.tenant_id == tenant_id)
-        if page.after is not None:
-            stmt = stmt.where(ApiKeyRow.id > page.after)
-        rows = (await self._s.execute(stmt.order_by(ApiKeyRow.id).limit(page.fetch))).scalars().all()
-        return Page.from_overfetch([_key(r) for r in rows], page)
+        return await keyset_page(self._s, stmt, ApiKeyRow.id, page, _key)
 
     async def update(self, key: ApiKey) -> None:
         stmt = select(ApiKeyRow).where(ApiKeyRow.tenant_id == key.tenant_id, ApiKeyRow.id == key.id)
