@@ -6,10 +6,10 @@ from importlib.metadata import version
 from typing import Any
 
 import msgspec
-from litestar import Litestar, MediaType, Request, get
+from litestar import Litestar, MediaType, Request, Response, Router, get
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
@@ -23,6 +23,7 @@ from keel.main.container import Container, build_container
 from keel.main.errors import describe_problem, handle_exception
 from keel.main.health import healthz, livez
 from keel.main.logging import configure_logging
+from keel.main.request import KeelRequest
 from keel.main.request_context import RequestContextMiddleware, echo_request_id
 from keel.main.settings import Settings, settings_or_exit
 from keel.main.telemetry import build_tracer_provider, instrument
@@ -82,6 +83,13 @@ def _publish_closed_bodies(app: Litestar) -> None:
     _schema_document(app)
 
 
+def _schema_not_found_as_problem(response: Response[Any]) -> Response[Any]:
+    # Litestar answers unknown paths under the schema router with an HTML page; Keel answers problem+json.
+    if response.status_code == 404:
+        raise NotFoundException
+    return response
+
+
 def _schema_document(app: Litestar) -> dict[str, Any]:
     # Rendering the schema to a dict costs tens of milliseconds; it never changes once the app is built.
     document: dict[str, Any] | None = app.state.get("openapi_document")
@@ -129,14 +137,18 @@ def create_app(
             title="Keel API",
             version=version("keel"),
             description="Multi-tenant SaaS API backbone. Authenticate with `Authorization: Bearer <API key>`.",
-            # Litestar's own schema router lives under /openapi (it 404s with HTML inside its prefix);
-            # /openapi.json and /docs above are the documented entry points.
+            # Litestar's own schema router lives under /openapi; /openapi.json and /docs above are the
+            # documented entry points.
             path="/openapi",
             render_plugins=[_DOCS_UI],
+            openapi_router=Router(
+                "/openapi", route_handlers=[], include_in_schema=False, after_request=_schema_not_found_as_problem
+            ),
             components=Components(
                 security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer", description="API key")}
             ),
         ),
+        request_class=KeelRequest,
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
         state=State({"container": container}),

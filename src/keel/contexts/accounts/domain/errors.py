@@ -33,3 +33,8 @@ class OwnerUndeletable(Conflict):
 class UnknownTimezone(InvalidInput):
     def __init__(self, tz: str) -> None:
         super().__init__(f"Unknown IANA timezone {tz!r}.", pointer="#/timezone")
+
+
+class EmailTooLong(InvalidInput):
+    def __init__(self) -> None:
+        super().__init__("The email address is too long once normalized.", pointer="#/email")

@@ -11,6 +11,8 @@ from datetime import datetime
 
 import msgspec
 
+from keel.contexts.accounts.domain.errors import EmailTooLong
+
 API_KEY_PREFIX = "keel_"
 # Enough of the token to recognise a key in a list without making it guessable.
 API_KEY_DISPLAY_CHARS = 12
@@ -90,5 +92,12 @@ def generate_token() -> str:
     return API_KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+MAX_EMAIL_LENGTH = 320
+
+
 def normalize_email(email: str) -> str:
-    return email.strip().lower()
+    """Lower-cased for uniqueness; rejected if that makes it too long ("İ".lower() is two characters)."""
+    normalized = email.strip().lower()
+    if len(normalized) > MAX_EMAIL_LENGTH:
+        raise EmailTooLong
+    return normalized

@@ -11,8 +11,10 @@ from msgspec import Meta
 
 from keel.contexts.accounts.domain.model import ApiKey, Role, Tenant, TenantConfig, User
 
-# Printable text without control characters or surrounding whitespace.
-_TEXT = r"^[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$"
+# Printable text: no control characters, no invisible formatting characters that can disguise a
+# name (bidi overrides and isolates, zero-width characters, BOM), no surrounding whitespace.
+_BAD = r"\x00-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+_TEXT = rf"^[^\s{_BAD}](?:[^{_BAD}]*[^\s{_BAD}])?$"
 
 Email = Annotated[
     str,

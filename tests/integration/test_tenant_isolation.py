@@ -1,0 +1,334 @@
+"""Tenant isolation over HTTP: tenant B can neither reach nor see anything of tenant A.
+
+Every route that takes an id is tried by B with each of A's ids (in several spellings) and must
+answer exactly like an id that does not exist: 404 problem+json, same type/title/detail. Every
+tenant-scoped read is paged through by B and must not mention any of A's ids, emails, names or key
+prefixes, including when B replays cursors taken from A's listings. A's data, read back with A's
+key, must be unchanged at the end. The route tables are checked against the app's own routes, so a
+new id-taking or list route without an isolation case fails the suite.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.routes import HTTPRoute
+from litestar.testing import AsyncTestClient
+
+from keel.main.auth import PUBLIC_PATHS
+
+Client = AsyncTestClient[Litestar]
+PROBLEM = "application/problem+json"
+
+# Every route with a path parameter: (method, template) -> the kind of id it takes and the body to send.
+ID_ROUTES: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {
+    ("GET", "/v1/users/{user_id:uuid}"): ("user", None),
+    ("PATCH", "/v1/users/{user_id:uuid}"): ("user", {"name": "Pwned by B", "email": "pwned@globex.test"}),
+    ("DELETE", "/v1/users/{user_id:uuid}"): ("user", None),
+    ("DELETE", "/v1/api-keys/{key_id:uuid}"): ("key", None),
+}
+# Path-parameter routes that serve no tenant data (documentation); they must be public.
+NOT_TENANT_SCOPED = {("GET", "/problems/{slug:str}"), ("GET", "/openapi/{path:str}")}
+# Every authenticated GET without a path parameter: B reads them all, paging where they page.
+READ_ROUTES: dict[tuple[str, str], bool] = {
+    ("GET", "/v1/users"): True,
+    ("GET", "/v1/api-keys"): True,
+    ("GET", "/v1/tenant"): False,
+}
+
+# Ways of writing the same UUID that the router accepts.
+SPELLINGS: dict[str, Callable[[str], str]] = {
+    "canonical": str,
+    "uppercase": str.upper,
+    "hex": lambda i: uuid.UUID(i).hex,
+    "braces": lambda i: "%7B" + i + "%7D",
+    "urn": lambda i: "urn:uuid:" + i,
+}
+
+
+def _is_public(route: HTTPRoute, method: str) -> bool:
+    handler = route.route_handler_map[method][0]
+    return bool(handler.opt.get("exclude_from_auth")) or any(re.search(p, route.path) for p in PUBLIC_PATHS)
+
+
+def _routes(app: Litestar) -> list[tuple[str, str, HTTPRoute]]:
+    return [
+        (method, route.path, route)
+        for route in app.routes
+        if isinstance(route, HTTPRoute)
+        for method in sorted(route.methods - {"HEAD", "OPTIONS"})
+    ]
+
+
+@dataclass
+class Tenant:
+    body: dict[str, Any]
+    users: dict[str, dict[str, Any]]  # id -> user
+    keys: dict[str, dict[str, Any]]  # id -> key (as issued, with token)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self.body["headers"])
+
+    @property
+    def id(self) -> str:
+        return str(self.body["tenant"]["id"])
+
+    def markers(self) -> set[str]:
+        """Strings that identify this tenant's data and must never reach another tenant."""
+        out = {self.id, self.body["tenant"]["name"]}
+        for u in self.users.values():
+            out |= {u["id"], u["email"]}
+            if u["role"] != "owner":
+                out.add(u["name"])
+        for k in self.keys.values():
+            out |= {k["id"], k["prefix"], k["token"]} | ({k["name"]} if k["name"] != "default" else set())
+        out |= {m.upper() for m in out if re.fullmatch(r"[0-9a-f-]{36}", m)} | {
+            uuid.UUID(m).hex for m in out if re.fullmatch(r"[0-9a-f-]{36}", m)
+        }
+        return out
+
+
+async def populate(client: Client, signup: dict[str, Any], tag: str, n_users: int, n_keys: int) -> Tenant:
+    t = Tenant(
+        body=signup, users={signup["user"]["id"]: signup["user"]}, keys={signup["api_key"]["id"]: signup["api_key"]}
+    )
+    for i in range(n_users):
+        r = await client.post(
+            "/v1/users", headers=t.headers, json={"email": f"{tag}-user{i}@{tag}.test", "name": f"{tag} member {i}"}
+        )
+        assert r.status_code == 201, r.text
+        t.users[r.json()["id"]] = r.json()
+    for i in range(n_keys):
+        r = await client.post("/v1/api-keys", headers=t.headers, json={"name": f"{tag} key {i}"})
+        assert r.status_code == 201, r.text
+        t.keys[r.json()["id"]] = r.json()
+    # One revoked key too: revoked resources must be just as invisible.
+    revoked = list(t.keys)[-1]
+    r = await client.delete(f"/v1/api-keys/{revoked}", headers=t.headers)
+    assert r.status_code == 204, r.text
+    t.keys[revoked]["revoked_at"] = "revoked"
+    return t
+
+
+async def read_all(client: Client, path: str, headers: dict[str, str], limit: int = 100) -> tuple[list[Any], str]:
+    """All items of a paged list (and the raw text of every page)."""
+    items: list[Any] = []
+    texts: list[str] = []
+    params: dict[str, Any] = {"limit": limit}
+    for _ in range(1000):
+        r = await client.get(path, params=params, headers=headers)
+        assert r.status_code == 200, f"GET {path} {params} -> {r.status_code} {r.text}"
+        texts.append(r.text)
+        items += r.json()["items"]
+        if not r.json()["next_cursor"]:
+            return items, "\n".join(texts)
+        params["cursor"] = r.json()["next_cursor"]
+    raise AssertionError(f"GET {path} never ran out of pages")
+
+
+async def cursors(client: Client, path: str, headers: dict[str, str]) -> list[str]:
+    """Every cursor of a limit=1 walk through a list."""
+    out: list[str] = []
+    params: dict[str, Any] = {"limit": 1}
+    while True:
+        r = await client.get(path, params=params, headers=headers)
+        assert r.status_code == 200, r.text
+        cursor = r.json()["next_cursor"]
+        if not cursor:
+            return out
+        out.append(cursor)
+        params["cursor"] = cursor
+
+
+async def state(client: Client, t: Tenant) -> dict[str, Any]:
+    tenant = await client.get("/v1/tenant", headers=t.headers)
+    assert tenant.status_code == 200, f"{t.body['tenant']['name']}'s own key no longer works: {tenant.text}"
+    users, _ = await read_all(client, "/v1/users", t.headers)
+    keys, _ = await read_all(client, "/v1/api-keys", t.headers)
+    return {"tenant": tenant.json(), "users": users, "keys": keys}
+
+
+def leaks(text: str, markers: set[str]) -> list[str]:
+    return sorted(m for m in markers if m and m in text)
+
+
+@pytest.fixture
+async def world(client: Client, tenant: dict[str, Any], other_tenant: dict[str, Any]) -> tuple[Tenant, Tenant]:
+    a = await populate(client, tenant, "acme", n_users=5, n_keys=3)
+    b = await populate(client, other_tenant, "globex", n_users=3, n_keys=2)
+    return a, b
+
+
+# --------------------------------------------------------------------------------------------------
+# The tables cover the app
+# --------------------------------------------------------------------------------------------------
+
+
+async def test_every_route_with_a_path_parameter_is_covered(client: Client) -> None:
+    with_params = {(m, path): route for m, path, route in _routes(client.app) if "{" in path}
+    uncovered = sorted(set(with_params) - set(ID_ROUTES) - NOT_TENANT_SCOPED)
+    assert not uncovered, f"routes taking an id without a cross-tenant case (add them to ID_ROUTES): {uncovered}"
+    stale = sorted((set(ID_ROUTES) | NOT_TENANT_SCOPED) - set(with_params))
+    assert not stale, f"isolation tables list routes the app does not serve: {stale}"
+    for key in NOT_TENANT_SCOPED:
+        assert _is_public(with_params[key], key[0]), f"{key} is authenticated, so it is tenant-scoped: cover it"
+    for key in ID_ROUTES:
+        assert not _is_public(with_params[key], key[0]), f"{key} is public: it cannot be tenant-scoped"
+
+
+async def test_every_tenant_scoped_read_is_covered(client: Client) -> None:
+    reads = {
+        (m, path)
+        for m, path, route in _routes(client.app)
+        if m == "GET" and "{" not in path and not _is_public(route, m)
+    }
+    assert reads == set(READ_ROUTES), f"authenticated reads {sorted(reads)} != READ_ROUTES {sorted(READ_ROUTES)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# B acting on A's ids
+# --------------------------------------------------------------------------------------------------
+
+
+async def test_other_tenants_ids_are_not_found(client: Client, world: tuple[Tenant, Tenant]) -> None:
+    a, b = world
+    before = await state(client, a)
+    failures: list[str] = []
+
+    for (method, template), (kind, body) in ID_ROUTES.items():
+        prefix = template.split("{", 1)[0]
+        # What a genuinely missing id looks like: A's ids must be indistinguishable from it.
+        missing = await client.request(method, prefix + str(uuid.uuid4()), headers=b.headers, json=body)
+        assert missing.status_code == 404, f"{method} {template} with a random id -> {missing.status_code}"
+        reference = {k: missing.json().get(k) for k in ("type", "title", "status", "detail")}
+
+        own = a.users if kind == "user" else a.keys
+        other = a.keys if kind == "user" else a.users
+        targets = [(f"A's {kind}", i) for i in own] + [("A's other resource", i) for i in other]
+        targets.append(("A's tenant id", a.id))
+        for what, target in targets:
+            for spelling, spell in SPELLINGS.items():
+                path = prefix + spell(target)
+                r = await client.request(method, path, headers=b.headers, json=body)
+                label = f"B: {method} {path} ({what}, {spelling}) -> {r.status_code}"
+                if r.status_code != 404:
+                    failures.append(f"{label}: expected 404; body: {r.text[:300]}")
+                    continue
+                if not r.headers.get("content-type", "").startswith(PROBLEM):
+                    failures.append(f"{label}: content-type {r.headers.get('content-type')!r}")
+                    continue
+                got = {k: r.json().get(k) for k in ("type", "title", "status", "detail")}
+                if got != reference:
+                    failures.append(f"{label}: differs from a missing id: {got} != {reference}")
+                if r.json().get("request_id") != r.headers.get("x-request-id"):
+                    failures.append(f"{label}: problem request_id does not match X-Request-ID")
+                if leaks(r.text.replace(path, "").replace(r.json().get("instance", ""), ""), a.markers()):
+                    failures.append(f"{label}: response mentions A's data: {r.text[:300]}")
+
+    after = await state(client, a)
+    if after != before:
+        failures.append(f"A's data changed:\nbefore={before}\nafter={after}")
+    assert not failures, f"{len(failures)} isolation failures:\n" + "\n".join(failures)
+
+    # Control: the very same requests on B's own resources work, so the 404s above were not an accident
+    # of malformed requests or a broken key.
+    member = next(i for i, u in b.users.items() if u["role"] != "owner")
+    live_key = next(i for i, k in b.keys.items() if i != b.body["api_key"]["id"] and k.get("revoked_at") is None)
+    for (method, template), (kind, body) in ID_ROUTES.items():
+        target = member if kind == "user" else live_key
+        if method == "DELETE":
+            continue
+        r = await client.request(method, template.split("{", 1)[0] + target, headers=b.headers, json=body)
+        assert r.status_code == 200, f"control {method} {template} on B's own {kind} -> {r.status_code} {r.text}"
+    for (method, template), (kind, _) in ID_ROUTES.items():
+        if method == "DELETE":
+            target = member if kind == "user" else live_key
+            r = await client.request(method, template.split("{", 1)[0] + target, headers=b.headers)
+            assert r.status_code == 204, f"control {method} {template} on B's own {kind} -> {r.status_code} {r.text}"
+    assert await state(client, a) == before, "B's own changes touched A's data"
+
+
+async def test_tenant_scoped_writes_without_ids_stay_in_the_tenant(
+    client: Client, world: tuple[Tenant, Tenant]
+) -> None:
+    """B's creations and configuration changes land in B only; A's emails are free to reuse in B
+    (a 409 there would reveal which addresses A has)."""
+    a, b = world
+    before = await state(client, a)
+    for i, user in enumerate(u for u in a.users.values()):
+        r = await client.post("/v1/users", headers=b.headers, json={"email": user["email"], "name": f"B copy {i}"})
+        assert r.status_code == 201, f"B creating A's email {user['email']} -> {r.status_code} {r.text}"
+    r = await client.patch(
+        "/v1/tenant/config",
+        headers=b.headers,
+        json={"display_name": "Globex renamed", "timezone": "Asia/Tokyo", "rate_limit_per_minute": 7},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == b.id
+    r = await client.post("/v1/api-keys", headers=b.headers, json={"name": "b extra"})
+    assert r.status_code == 201, r.text
+    assert await state(client, a) == before, "B's writes changed A's data"
+
+
+# --------------------------------------------------------------------------------------------------
+# B reading
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1, 2, 100])
+async def test_reads_show_nothing_of_the_other_tenant(client: Client, world: tuple[Tenant, Tenant], limit: int) -> None:
+    a, b = world
+    markers = a.markers()
+    for (_, path), paged in READ_ROUTES.items():
+        if paged:
+            items, text = await read_all(client, path, b.headers, limit=limit)
+            own = b.users if path == "/v1/users" else b.keys
+            ids = [item["id"] for item in items]
+            assert sorted(ids) == sorted(own), f"B's {path} (limit={limit}) lists {ids}, B owns {sorted(own)}"
+        else:
+            r = await client.get(path, headers=b.headers)
+            assert r.status_code == 200, r.text
+            assert r.json()["id"] == b.id
+            text = r.text
+        assert not leaks(text, markers), f"B's GET {path} (limit={limit}) shows A's data: {leaks(text, markers)}"
+
+
+async def test_cursors_do_not_cross_tenants(client: Client, world: tuple[Tenant, Tenant]) -> None:
+    """A cursor taken from one tenant's listing, replayed by the other tenant (on either list), must at
+    most page through the replaying tenant's own rows."""
+    a, b = world
+    paged = [path for (_, path), is_paged in READ_ROUTES.items() if is_paged]
+    failures: list[str] = []
+    for owner, reader in [(a, b), (b, a)]:
+        foreign = owner.markers() - reader.markers()
+        reader_ids = set(reader.users) | set(reader.keys)
+        taken = {path: await cursors(client, path, owner.headers) for path in paged}
+        assert all(taken.values()), "every list should have more than one page at limit=1"
+        for source, cursor_list in taken.items():
+            for cursor in cursor_list:
+                for path in paged:
+                    for limit in (1, 100):
+                        r = await client.get(path, params={"cursor": cursor, "limit": limit}, headers=reader.headers)
+                        label = f"{reader.body['tenant']['name']}: GET {path}?limit={limit} with cursor from " + (
+                            f"{owner.body['tenant']['name']}'s {source}"
+                        )
+                        if r.status_code == 422:
+                            continue
+                        if r.status_code != 200:
+                            failures.append(f"{label} -> {r.status_code}: {r.text[:300]}")
+                            continue
+                        stray = [i["id"] for i in r.json()["items"] if i["id"] not in reader_ids]
+                        if stray:
+                            failures.append(f"{label} -> rows not the reader's: {stray}")
+                        # The cursor itself is the caller's input; anything else of the owner is a leak.
+                        found = leaks(r.text.replace(cursor, ""), foreign)
+                        if found:
+                            failures.append(f"{label} -> mentions the other tenant's data: {found}")
+    assert not failures, "\n".join(failures)
