@@ -10,7 +10,15 @@ from typing import Self, TypeVar
 
 from keel.contexts.accounts.domain.errors import EmailTaken
 from keel.contexts.accounts.domain.model import ApiKey, Tenant, User
+from keel.contexts.accounts.domain.services import AccountsService
+from keel.main.container import subscribe_cache_invalidation
+from keel.platform.adapters.memory.cache import InMemoryCache
+from keel.platform.cache import ReadThroughCache
+from keel.platform.domain.events import Event, EventDispatcher
 from keel.platform.domain.paging import Page, PageRequest
+from keel.platform.ports.clock import Clock
+from keel.platform.ports.events import CommittedEventPublisher
+from tests.fakes.events import InlinePublisher
 
 
 @dataclass
@@ -18,6 +26,8 @@ class AccountsState:
     tenants: dict[uuid.UUID, Tenant] = field(default_factory=dict)
     users: dict[uuid.UUID, User] = field(default_factory=dict)
     api_keys: dict[uuid.UUID, ApiKey] = field(default_factory=dict)
+    # Events committed with the data, in order: the fake's outbox.
+    outbox: list[Event] = field(default_factory=list)
 
 
 R = TypeVar("R", User, ApiKey)
@@ -109,10 +119,16 @@ class InMemoryApiKeyRepository:
 class InMemoryAccountsUnitOfWork:
     """Works on a private copy of the committed state; ``commit`` publishes it, leaving discards it."""
 
-    def __init__(self, committed: AccountsState) -> None:
+    def __init__(self, committed: AccountsState, publisher: CommittedEventPublisher | None = None) -> None:
         self._committed = committed
+        self._publisher = publisher
+        self._events: list[Event] = []
+
+    def record(self, event: Event) -> None:
+        self._events.append(event)
 
     async def __aenter__(self) -> Self:
+        self._events = []
         self._staged = copy.deepcopy(self._committed)
         self.tenants = InMemoryTenantRepository(self._staged)
         self.users = InMemoryUserRepository(self._staged)
@@ -123,8 +139,24 @@ class InMemoryAccountsUnitOfWork:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         del self._staged
+        self._events = []
 
     async def commit(self) -> None:
         self._committed.tenants = copy.deepcopy(self._staged.tenants)
         self._committed.users = copy.deepcopy(self._staged.users)
         self._committed.api_keys = copy.deepcopy(self._staged.api_keys)
+        events, self._events = self._events, []
+        self._committed.outbox.extend(events)
+        if events and self._publisher is not None:
+            await self._publisher.publish_committed(events)
+
+
+def accounts_service(
+    state: AccountsState, clock: Clock, uow: type[InMemoryAccountsUnitOfWork] = InMemoryAccountsUnitOfWork
+) -> AccountsService:
+    """The accounts service as the composition root wires it, on in-memory adapters."""
+    cache = ReadThroughCache(InMemoryCache(clock))
+    dispatcher = EventDispatcher()
+    subscribe_cache_invalidation(dispatcher, cache)
+    publisher = InlinePublisher(dispatcher)
+    return AccountsService(lambda: uow(state, publisher), clock, cache)

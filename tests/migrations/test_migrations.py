@@ -27,7 +27,7 @@ from keel.main import db
 from keel.platform.adapters.sql.engine import create_engine
 from tests.support.servers import PostgresServer
 
-APP_TABLES = {"tenants", "users", "api_keys"}
+APP_TABLES = set(db.all_metadata().tables)
 VERSION_TABLE = "alembic_version"
 ENV_PY = db.migrations_dir() / "env.py"
 
@@ -198,6 +198,7 @@ async def test_upgrade_creates_expected_columns_indexes_and_constraints(empty_ur
     assert ("secret_hash",) in schema["api_keys"]["uniques"]
     assert schema["users"]["fks"] == {(("tenant_id",), "tenants")}
     assert schema["api_keys"]["fks"] == {(("tenant_id",), "tenants")}
+    assert schema["outbox"]["indexes"]["ix_outbox_unpublished"] == ["occurred_at"]
 
 
 async def test_every_revision_steps_up_and_down(empty_url: str) -> None:

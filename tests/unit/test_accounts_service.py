@@ -24,7 +24,7 @@ from keel.contexts.accounts.domain.model import API_KEY_PREFIX, ApiKey, Role, Te
 from keel.contexts.accounts.domain.services import AccountsService, SignupResult
 from keel.platform.domain.paging import PageRequest
 from keel.platform.domain.tenancy import Principal
-from tests.fakes.accounts import AccountsState, InMemoryAccountsUnitOfWork
+from tests.fakes.accounts import AccountsState, InMemoryAccountsUnitOfWork, accounts_service
 from tests.fakes.clock import ManualClock
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -42,7 +42,7 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 def service(state: AccountsState, clock: ManualClock) -> AccountsService:
-    return AccountsService(lambda: InMemoryAccountsUnitOfWork(state), clock)
+    return accounts_service(state, clock)
 
 
 def principal(result: SignupResult) -> Principal:
@@ -531,7 +531,7 @@ class FailingUnitOfWork(InMemoryAccountsUnitOfWork):
 
 
 async def test_signup_failure_midway_commits_nothing(state: AccountsState, clock: ManualClock) -> None:
-    failing = AccountsService(lambda: FailingUnitOfWork(state), clock)
+    failing = accounts_service(state, clock, FailingUnitOfWork)
     with pytest.raises(Boom):
         await do_signup(failing)
     # Tenant and owner were staged before the key failed; none of it is visible.
@@ -547,7 +547,7 @@ async def test_change_user_failure_midway_commits_nothing(
     before = snapshot(state)
     clock.advance(minutes=1)
 
-    failing = AccountsService(lambda: FailingUnitOfWork(state), clock)
+    failing = accounts_service(state, clock, FailingUnitOfWork)
     with pytest.raises(Boom):
         await failing.change_user(who, user.id, ChangeUser(name="Robert"))
     with pytest.raises(Boom):

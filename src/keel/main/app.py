@@ -130,7 +130,7 @@ def create_app(
         before_request=require_json_body,
         before_send=[echo_request_id],
         exception_handlers={Exception: handle_exception},
-        on_startup=[_publish_closed_bodies],
+        on_startup=[_publish_closed_bodies, container.start],
         on_shutdown=[container.aclose],
         plugins=plugins,
         openapi_config=OpenAPIConfig(

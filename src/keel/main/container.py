@@ -4,17 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from loguru import logger
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keel.contexts.accounts.adapters.sql.repositories import SqlAccountsUnitOfWork
+from keel.contexts.accounts.domain import caching as accounts_caching
 from keel.contexts.accounts.domain.services import AccountsService
 from keel.main.health import HealthProbe
 from keel.main.settings import Settings
 from keel.platform.adapters.clock import SystemClock
+from keel.platform.adapters.memory.cache import InMemoryCache
+from keel.platform.adapters.redis.cache import RedisCache
 from keel.platform.adapters.redis.health import RedisHealthCheck
 from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.adapters.sql.health import SqlHealthCheck
+from keel.platform.adapters.sql.outbox import OutboxSweeper, SqlOutboxRelay
+from keel.platform.cache import ReadThroughCache
+from keel.platform.domain.events import ANY_EVENT, Event, EventDispatcher
+from keel.platform.ports.cache import Cache
 from keel.platform.ports.clock import Clock
 from keel.platform.ports.health import HealthCheck
 
@@ -25,18 +33,39 @@ class Container:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     clock: Clock
+    events: EventDispatcher
+    relay: SqlOutboxRelay
+    sweeper: OutboxSweeper
+    cache: ReadThroughCache
     accounts: AccountsService
     health: HealthProbe
     redis: Redis | None = None
     _closed: bool = field(default=False, repr=False)
 
+    async def start(self) -> None:
+        self.sweeper.start()
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        await self.sweeper.stop()
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()
+
+
+def _log_cache_error(op: str, exc: Exception) -> None:
+    logger.warning("cache {} failed, reading the database instead for a moment: {!r}", op, exc)
+
+
+def subscribe_cache_invalidation(events: EventDispatcher, cache: ReadThroughCache) -> None:
+    """Mutations invalidate through events; each context says which of its keys an event touches."""
+
+    async def invalidate(event: Event) -> None:
+        await cache.invalidate(*accounts_caching.keys_to_invalidate(event))
+
+    events.subscribe(ANY_EVENT, invalidate)
 
 
 def build_container(settings: Settings, *, clock: Clock | None = None) -> Container:
@@ -51,21 +80,37 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
     sessions = session_factory(engine)
     clock = clock or SystemClock()
     checks: list[HealthCheck] = [SqlHealthCheck(engine, "sqlite" if settings.is_embedded_db else "postgres")]
+
     redis: Redis | None = None
+    store: Cache
     if settings.redis_url is not None:
         redis = Redis.from_url(
             settings.redis_url,
             socket_connect_timeout=settings.health_timeout,
-            socket_timeout=2.0,
+            socket_timeout=settings.redis_timeout,
             health_check_interval=15,
         )
         checks.append(RedisHealthCheck(redis))
-    accounts = AccountsService(lambda: SqlAccountsUnitOfWork(sessions), clock)
+        store = RedisCache(redis)
+    else:
+        store = InMemoryCache(clock)
+    cache = ReadThroughCache(store, on_error=_log_cache_error)
+
+    events = EventDispatcher()
+    relay = SqlOutboxRelay(sessions, events, clock)
+
+    subscribe_cache_invalidation(events, cache)
+
+    accounts = AccountsService(lambda: SqlAccountsUnitOfWork(sessions, relay), clock, cache)
     return Container(
         settings=settings,
         engine=engine,
         sessions=sessions,
         clock=clock,
+        events=events,
+        relay=relay,
+        sweeper=OutboxSweeper(relay),
+        cache=cache,
         accounts=accounts,
         health=HealthProbe(checks, settings.health_timeout),
         redis=redis,

@@ -41,6 +41,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_max_overflow: int = 10
     db_pool_timeout: float = 5.0
     health_timeout: float = 1.0
+    redis_timeout: float = 0.5
+    rate_limit_per_minute: int = 600
+    signup_rate_limit_per_hour: int = 20
     otel_endpoint: str | None = None
     service_name: str = "keel"
 
@@ -149,6 +152,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kwargs["db_pool_timeout"] = _float("KEEL_DB_POOL_TIMEOUT", v, 0.1, 300)
     if (v := get("KEEL_HEALTH_TIMEOUT")) is not None:
         kwargs["health_timeout"] = _float("KEEL_HEALTH_TIMEOUT", v, 0.05, 30)
+    if (v := get("KEEL_REDIS_TIMEOUT")) is not None:
+        kwargs["redis_timeout"] = _float("KEEL_REDIS_TIMEOUT", v, 0.01, 30)
+    if (v := get("KEEL_RATE_LIMIT_PER_MINUTE")) is not None:
+        kwargs["rate_limit_per_minute"] = _int("KEEL_RATE_LIMIT_PER_MINUTE", v, 1, 1_000_000)
+    if (v := get("KEEL_SIGNUP_RATE_LIMIT_PER_HOUR")) is not None:
+        kwargs["signup_rate_limit_per_hour"] = _int("KEEL_SIGNUP_RATE_LIMIT_PER_HOUR", v, 1, 1_000_000)
+    if redis_url is None and int(str(kwargs.get("workers", 1))) > 1:
+        # In-process caches, limits and idempotency keys cannot be shared between processes.
+        raise SettingsError("KEEL_WORKERS: more than 1 worker needs KEEL_REDIS_URL (shared cache and limits)")
     kwargs["otel_endpoint"] = get("OTEL_EXPORTER_OTLP_ENDPOINT") or get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if (v := get("OTEL_SERVICE_NAME")) is not None:
         kwargs["service_name"] = v

@@ -7,9 +7,11 @@ import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
+from typing import Any
 
 import msgspec
 
+from keel.contexts.accounts.domain import caching
 from keel.contexts.accounts.domain.commands import ChangeTenantConfig, ChangeUser, CreateUser, Signup
 from keel.contexts.accounts.domain.errors import (
     ApiKeyNotFound,
@@ -31,6 +33,8 @@ from keel.contexts.accounts.domain.model import (
     normalize_email,
 )
 from keel.contexts.accounts.ports.repositories import AccountsUnitOfWork
+from keel.platform.cache import ReadThroughCache
+from keel.platform.domain.events import Event
 from keel.platform.domain.ids import new_id
 from keel.platform.domain.paging import Page, PageRequest
 from keel.platform.domain.tenancy import Principal
@@ -55,9 +59,13 @@ def _check_timezone(tz: str) -> None:
 
 
 class AccountsService:
-    def __init__(self, uow: Callable[[], AccountsUnitOfWork], clock: Clock) -> None:
+    def __init__(self, uow: Callable[[], AccountsUnitOfWork], clock: Clock, cache: ReadThroughCache) -> None:
         self._uow = uow
         self._clock = clock
+        self._cache = cache
+
+    def _event(self, type_: str, tenant_id: uuid.UUID, **data: Any) -> Event:
+        return Event(type=type_, tenant_id=tenant_id, occurred_at=self._clock.now(), data=data)
 
     # -- signup and authentication ------------------------------------------------------------
 
@@ -85,12 +93,28 @@ class AccountsService:
             await uow.tenants.add(tenant)
             await uow.users.add(owner)
             await uow.api_keys.add(issued.key)
+            uow.record(
+                self._event(
+                    "tenant.created",
+                    tenant.id,
+                    name=tenant.name,
+                    owner_user_id=str(owner.id),
+                    owner_email=owner.email,
+                    owner_name=owner.name,
+                )
+            )
             await uow.commit()
         return SignupResult(tenant=tenant, owner=owner, api_key=issued)
 
     async def authenticate(self, token: str) -> Principal | None:
-        async with self._uow() as uow:
-            key = await uow.api_keys.find_by_hash(hash_token(token))
+        secret_hash = hash_token(token)
+
+        async def load() -> ApiKey | None:
+            async with self._uow() as uow:
+                return await uow.api_keys.find_by_hash(secret_hash)
+
+        # Unknown tokens are not cached (None is never stored), so guessing cannot fill the cache.
+        key = await self._cache.get_or_load(caching.api_key_key(secret_hash), ApiKey, load, caching.API_KEY_TTL)
         if key is None or not key.is_active:
             return None
         return Principal(tenant_id=key.tenant_id, api_key_id=key.id)
@@ -98,11 +122,18 @@ class AccountsService:
     # -- tenant --------------------------------------------------------------------------------
 
     async def get_tenant(self, who: Principal) -> Tenant:
-        async with self._uow() as uow:
-            tenant = await uow.tenants.get(who.tenant_id)
+        async def load() -> Tenant | None:
+            async with self._uow() as uow:
+                return await uow.tenants.get(who.tenant_id)
+
+        tenant = await self._cache.get_or_load(caching.tenant_key(who.tenant_id), Tenant, load, caching.TENANT_TTL)
         if tenant is None:
             raise TenantNotFound
         return tenant
+
+    async def rate_limit(self, who: Principal) -> int | None:
+        """The tenant's own per-key quota (requests per minute), or None for the platform default."""
+        return (await self.get_tenant(who)).config.rate_limit_per_minute
 
     async def change_tenant_config(self, who: Principal, change: ChangeTenantConfig) -> Tenant:
         if isinstance(change.timezone, str):
@@ -118,6 +149,7 @@ class AccountsService:
                 updated_at=self._clock.now(),
             )
             await uow.tenants.update(tenant)
+            uow.record(self._event("tenant.updated", tenant.id, changed=sorted(changes)))
             await uow.commit()
         return tenant
 
@@ -139,6 +171,7 @@ class AccountsService:
         issued = self._new_key(who.tenant_id, name)
         async with self._uow() as uow:
             await uow.api_keys.add(issued.key)
+            uow.record(self._event("api_key.created", who.tenant_id, api_key_id=str(issued.key.id), name=name))
             await uow.commit()
         return issued
 
@@ -154,6 +187,9 @@ class AccountsService:
             if key.is_active:
                 key = key.revoked(self._clock.now())
                 await uow.api_keys.update(key)
+                uow.record(
+                    self._event("api_key.revoked", who.tenant_id, api_key_id=str(key.id), secret_hash=key.secret_hash)
+                )
                 await uow.commit()
         return key
 
@@ -172,6 +208,9 @@ class AccountsService:
         )
         async with self._uow() as uow:
             await uow.users.add(user)
+            uow.record(
+                self._event("user.created", who.tenant_id, user_id=str(user.id), email=user.email, name=user.name)
+            )
             await uow.commit()
         return user
 
@@ -180,8 +219,11 @@ class AccountsService:
             return await uow.users.list(who.tenant_id, page)
 
     async def get_user(self, who: Principal, user_id: uuid.UUID) -> User:
-        async with self._uow() as uow:
-            user = await uow.users.get(who.tenant_id, user_id)
+        async def load() -> User | None:
+            async with self._uow() as uow:
+                return await uow.users.get(who.tenant_id, user_id)
+
+        user = await self._cache.get_or_load(caching.user_key(who.tenant_id, user_id), User, load, caching.USER_TTL)
         if user is None:
             raise UserNotFound
         return user
@@ -198,8 +240,10 @@ class AccountsService:
                 updated = replace(updated, name=change.name)
             if updated == user:
                 return user
+            changed = [f for f in ("email", "name") if getattr(updated, f) != getattr(user, f)]
             updated = replace(updated, updated_at=self._clock.now())
             await uow.users.update(updated)
+            uow.record(self._event("user.updated", who.tenant_id, user_id=str(user_id), changed=changed))
             await uow.commit()
         return updated
 
@@ -211,4 +255,5 @@ class AccountsService:
             if user.role is Role.OWNER:
                 raise OwnerUndeletable
             await uow.users.delete(who.tenant_id, user_id)
+            uow.record(self._event("user.deleted", who.tenant_id, user_id=str(user_id)))
             await uow.commit()

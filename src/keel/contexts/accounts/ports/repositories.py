@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol
 
 from keel.contexts.accounts.domain.model import ApiKey, Tenant, User
 from keel.platform.domain.paging import Page, PageRequest
+from keel.platform.ports.uow import UnitOfWork
 
 
 class TenantRepository(Protocol):
@@ -48,7 +48,7 @@ class ApiKeyRepository(Protocol):
     async def update(self, key: ApiKey) -> None: ...
 
 
-class AccountsUnitOfWork(Protocol):
+class AccountsUnitOfWork(UnitOfWork, Protocol):
     """One transaction over the accounts repositories; leaving without ``commit`` rolls back."""
 
     @property
@@ -59,14 +59,3 @@ class AccountsUnitOfWork(Protocol):
 
     @property
     def api_keys(self) -> ApiKeyRepository: ...
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    async def commit(self) -> None: ...

@@ -1,0 +1,47 @@
+"""Domain events and their in-process dispatch. Events are facts: named, tenant-scoped, JSON-safe."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from keel.platform.domain.ids import new_id
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    type: str  # "<entity>.<past-tense verb>", e.g. "user.updated"
+    tenant_id: uuid.UUID
+    occurred_at: datetime
+    data: Mapping[str, Any]  # JSON-safe values only: it is stored in the outbox and sent to subscribers
+    id: uuid.UUID = field(default_factory=new_id)
+
+
+EventHandler = Callable[[Event], Awaitable[None]]
+
+ANY_EVENT = "*"
+
+
+class EventDispatcher:
+    """Subscribers are registered by the composition root; contexts never import each other to react."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, list[EventHandler]] = defaultdict(list)
+
+    def subscribe(self, event_type: str, handler: EventHandler) -> None:
+        self._handlers[event_type].append(handler)
+
+    def handlers_for(self, event_type: str) -> list[EventHandler]:
+        return [*self._handlers.get(event_type, ()), *self._handlers.get(ANY_EVENT, ())]
+
+    async def dispatch(self, event: Event) -> None:
+        """Run every subscriber; the first failure propagates so the outbox keeps the event for a retry.
+
+        Delivery is at least once, so subscribers must be idempotent.
+        """
+        for handler in self.handlers_for(event.type):
+            await handler(event)
