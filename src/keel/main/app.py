@@ -22,7 +22,9 @@ from keel.main.auth import PUBLIC_PATHS, ApiKeyAuthMiddleware
 from keel.main.container import Container, build_container
 from keel.main.errors import describe_problem, handle_exception
 from keel.main.health import healthz, livez
+from keel.main.idempotency import IdempotencyMiddleware
 from keel.main.logging import configure_logging
+from keel.main.rate_limit import RateLimitMiddleware
 from keel.main.request import KeelRequest
 from keel.main.request_context import RequestContextMiddleware, echo_request_id
 from keel.main.settings import Settings, settings_or_exit
@@ -126,6 +128,20 @@ def create_app(
         middleware=[
             RequestContextMiddleware,
             DefineMiddleware(ApiKeyAuthMiddleware, authenticator=container.accounts, exclude=PUBLIC_PATHS),
+            DefineMiddleware(
+                RateLimitMiddleware,
+                limiter=container.limiter,
+                quota=container.accounts.rate_limit,
+                per_minute=settings.rate_limit_per_minute,
+                signup_per_hour=settings.signup_rate_limit_per_hour,
+                stats=container.rate_limit_stats,
+            ),
+            DefineMiddleware(
+                IdempotencyMiddleware,
+                store=container.idempotency,
+                clock=container.clock,
+                max_body=settings.max_body_bytes,
+            ),
         ],
         before_request=require_json_body,
         before_send=[echo_request_id],

@@ -12,11 +12,15 @@ from keel.contexts.accounts.adapters.sql.repositories import SqlAccountsUnitOfWo
 from keel.contexts.accounts.domain import caching as accounts_caching
 from keel.contexts.accounts.domain.services import AccountsService
 from keel.main.health import HealthProbe
+from keel.main.rate_limit import RateLimitStats
 from keel.main.settings import Settings
 from keel.platform.adapters.clock import SystemClock
+from keel.platform.adapters.limits_rate_limiter import LimitsRateLimiter
 from keel.platform.adapters.memory.cache import InMemoryCache
+from keel.platform.adapters.memory.idempotency import InMemoryIdempotencyStore
 from keel.platform.adapters.redis.cache import RedisCache
 from keel.platform.adapters.redis.health import RedisHealthCheck
+from keel.platform.adapters.redis.idempotency import RedisIdempotencyStore
 from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.adapters.sql.health import SqlHealthCheck
 from keel.platform.adapters.sql.outbox import OutboxSweeper, SqlOutboxRelay
@@ -25,6 +29,8 @@ from keel.platform.domain.events import ANY_EVENT, Event, EventDispatcher
 from keel.platform.ports.cache import Cache
 from keel.platform.ports.clock import Clock
 from keel.platform.ports.health import HealthCheck
+from keel.platform.ports.idempotency import IdempotencyStore
+from keel.platform.ports.rate_limit import RateLimiter
 
 
 @dataclass
@@ -37,6 +43,9 @@ class Container:
     relay: SqlOutboxRelay
     sweeper: OutboxSweeper
     cache: ReadThroughCache
+    limiter: RateLimiter
+    rate_limit_stats: RateLimitStats
+    idempotency: IdempotencyStore
     accounts: AccountsService
     health: HealthProbe
     redis: Redis | None = None
@@ -83,6 +92,8 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
 
     redis: Redis | None = None
     store: Cache
+    limiter: RateLimiter
+    idempotency: IdempotencyStore
     if settings.redis_url is not None:
         redis = Redis.from_url(
             settings.redis_url,
@@ -92,8 +103,12 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         )
         checks.append(RedisHealthCheck(redis))
         store = RedisCache(redis)
+        limiter = LimitsRateLimiter.redis(settings.redis_url, settings.redis_timeout)
+        idempotency = RedisIdempotencyStore(redis)
     else:
         store = InMemoryCache(clock)
+        limiter = LimitsRateLimiter.in_memory()
+        idempotency = InMemoryIdempotencyStore()
     cache = ReadThroughCache(store, on_error=_log_cache_error)
 
     events = EventDispatcher()
@@ -111,6 +126,9 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         relay=relay,
         sweeper=OutboxSweeper(relay),
         cache=cache,
+        limiter=limiter,
+        rate_limit_stats=RateLimitStats(),
+        idempotency=idempotency,
         accounts=accounts,
         health=HealthProbe(checks, settings.health_timeout),
         redis=redis,

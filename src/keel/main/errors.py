@@ -14,7 +14,14 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from keel.main.request_context import ensure_request_id
-from keel.platform.adapters.http.problems import PROBLEM_MEDIA_TYPE, FieldError, Problem, problem_type, problem_types
+from keel.platform.adapters.http.problems import (
+    PROBLEM_MEDIA_TYPE,
+    FieldError,
+    Problem,
+    ProblemError,
+    problem_type,
+    problem_types,
+)
 from keel.platform.domain.errors import Conflict, DomainError, InvalidInput, NotFound, Unavailable
 
 MALFORMED = problem_type("malformed-request", 400, "The request could not be parsed (for example invalid JSON).")
@@ -128,7 +135,7 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         # Litestar's generic details merely repeat the status phrase.
         detail = None if exc.detail == HTTPStatus(exc.status_code).phrase else _clean(exc.detail)
         # A bare 400 from the framework means the body could not be decoded.
-        slug = MALFORMED.slug if exc.status_code == 400 else None
+        slug = exc.slug if isinstance(exc, ProblemError) else MALFORMED.slug if exc.status_code == 400 else None
         return problem_response(request, exc.status_code, detail, slug=slug, headers=headers)
     if isinstance(exc, DomainError):
         return _domain(request, exc)

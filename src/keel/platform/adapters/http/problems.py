@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 import msgspec
+from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -54,6 +55,14 @@ def problem_type(slug: str, status: int, description: str, title: str | None = N
 
 def problem_types() -> dict[str, ProblemType]:
     return dict(_TYPES)
+
+
+class ProblemError(HTTPException):
+    """An HTTP error with its own problem type, for errors raised outside the domain (middleware)."""
+
+    def __init__(self, status: int, detail: str, slug: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=detail, headers=headers)
+        self.slug = slug
 
 
 def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:

@@ -61,6 +61,7 @@ class SignupController(Controller):
         "/",
         status_code=HTTP_201_CREATED,
         exclude_from_auth=True,
+        rate_limit="signup",
         summary="Create a tenant, its owner and its first API key",
         description="The API key's `token` is shown in this response only; Keel stores its SHA-256.",
         responses=problem_responses(400, 409, 413, 415, 422, 429),

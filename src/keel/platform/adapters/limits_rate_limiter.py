@@ -1,0 +1,43 @@
+"""Rate limiting on the ``limits`` library: a moving (sliding-log) window, atomic in Redis through the
+library's own Lua scripts, so N processes together admit exactly the quota."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+
+from keel.platform.ports.rate_limit import RateLimitDecision
+
+
+class LimitsRateLimiter:
+    def __init__(self, storage: Storage) -> None:
+        self._limiter = MovingWindowRateLimiter(storage)
+
+    @classmethod
+    def in_memory(cls) -> LimitsRateLimiter:
+        return cls(MemoryStorage())
+
+    @classmethod
+    def redis(cls, url: str, timeout: float) -> LimitsRateLimiter:
+        storage = RedisStorage(
+            url,
+            implementation="redispy",
+            key_prefix="keel:ratelimit",
+            wrap_exceptions=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        return cls(storage)
+
+    async def hit(self, key: str, limit: int, window: int) -> RateLimitDecision:
+        item = RateLimitItemPerSecond(limit, window)
+        allowed = await self._limiter.hit(item, key)
+        stats = await self._limiter.get_window_stats(item, key)
+        reset_after = max(0, math.ceil(stats.reset_time - time.time()))
+        return RateLimitDecision(
+            allowed=allowed, limit=limit, window=window, remaining=stats.remaining, reset_after=reset_after
+        )
