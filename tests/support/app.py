@@ -11,7 +11,9 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from keel.main.app import create_app
+from keel.main.container import build_container
 from keel.main.settings import Settings, load_settings
+from keel.platform.ports.clock import Clock
 
 # Suites that are not about rate limiting send hundreds of requests from one "client".
 UNLIMITED = {"KEEL_RATE_LIMIT_PER_MINUTE": "1000000", "KEEL_SIGNUP_RATE_LIMIT_PER_HOUR": "1000000"}
@@ -22,7 +24,16 @@ def make_settings(database_url: str, data_dir: Path, **env: str) -> Settings:
 
 
 @asynccontextmanager
-async def client_for(settings: Settings, **kwargs: Any) -> AsyncIterator[AsyncTestClient[Litestar]]:
+async def client_for(
+    settings: Settings, clock: Clock | None = None, **kwargs: Any
+) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    """The real app (its own container: one "API process") behind an in-process HTTP client.
+
+    Several at once on the same settings behave like several API processes sharing Postgres and Redis.
+    ``client.app.state["container"]`` exposes the wiring (cache stats, relay, stores) to assertions.
+    """
+    if clock is not None:
+        kwargs["container"] = build_container(settings, clock=clock)
     app = create_app(settings, configure_logs=False, **kwargs)
     async with AsyncTestClient(app=app, base_url="http://127.0.0.1") as client:
         yield client
