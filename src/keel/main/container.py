@@ -109,7 +109,7 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         store = InMemoryCache(clock)
         limiter = LimitsRateLimiter.in_memory()
         idempotency = InMemoryIdempotencyStore()
-    cache = ReadThroughCache(store, on_error=_log_cache_error)
+    cache = ReadThroughCache(store, on_error=_log_cache_error, enabled=settings.cache_enabled)
 
     events = EventDispatcher()
     relay = SqlOutboxRelay(sessions, events, clock)

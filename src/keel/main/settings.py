@@ -42,6 +42,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_pool_timeout: float = 5.0
     health_timeout: float = 1.0
     redis_timeout: float = 0.5
+    cache_enabled: bool = True
     rate_limit_per_minute: int = 600
     signup_rate_limit_per_hour: int = 20
     otel_endpoint: str | None = None
@@ -154,6 +155,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kwargs["health_timeout"] = _float("KEEL_HEALTH_TIMEOUT", v, 0.05, 30)
     if (v := get("KEEL_REDIS_TIMEOUT")) is not None:
         kwargs["redis_timeout"] = _float("KEEL_REDIS_TIMEOUT", v, 0.01, 30)
+    if (v := get("KEEL_CACHE_ENABLED")) is not None:
+        kwargs["cache_enabled"] = _bool("KEEL_CACHE_ENABLED", v)
     if (v := get("KEEL_RATE_LIMIT_PER_MINUTE")) is not None:
         kwargs["rate_limit_per_minute"] = _int("KEEL_RATE_LIMIT_PER_MINUTE", v, 1, 1_000_000)
     if (v := get("KEEL_SIGNUP_RATE_LIMIT_PER_HOUR")) is not None:

@@ -31,8 +31,16 @@ class CacheStats:
 
 
 class ReadThroughCache:
-    def __init__(self, cache: Cache, *, jitter: float = 0.1, on_error: Callable[[str, Exception], None] | None = None):
+    def __init__(
+        self,
+        cache: Cache,
+        *,
+        jitter: float = 0.1,
+        on_error: Callable[[str, Exception], None] | None = None,
+        enabled: bool = True,
+    ):
         self._cache = cache
+        self._enabled = enabled
         self._jitter = jitter
         self._open_until = 0.0
         self._on_error = on_error
@@ -68,7 +76,7 @@ class ReadThroughCache:
         Many concurrent misses on one key make one loader call: the caller holding the lease loads,
         the others wait for its fill.
         """
-        if not self.available:
+        if not self._enabled or not self.available:
             return await loader()
         raw = await self._guard("get", self._cache.get(key), None)
         if raw is not None:
