@@ -76,10 +76,8 @@ def test_database_url_normalisation(raw: str, expected: str) -> None:
 
 @pytest.mark.parametrize("query", ["sslmode=require", "sslmode=disable"])
 def test_libpq_url_with_sslmode_is_usable_by_the_driver(query: str) -> None:
-    """BUG: ``postgres://...?sslmode=require`` (the spelling hosting platforms hand out) is rewritten to
-    ``postgresql+asyncpg://...?sslmode=require``, but asyncpg has no ``sslmode`` argument (it is ``ssl``):
-    the first connection fails with ``TypeError: connect() got an unexpected keyword argument 'sslmode'``
-    instead of start-up failing with a SettingsError, or the parameter being translated.
+    """``postgres://...?sslmode=require`` (the spelling hosting platforms hand out) must reach asyncpg as
+    ``ssl=require``: asyncpg has no ``sslmode`` argument and would fail the first connection with a TypeError.
     """
     url = f"postgres://u:p@db.example:5432/keel?{query}"
     try:

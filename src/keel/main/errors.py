@@ -129,13 +129,16 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         headers = dict(exc.headers or {})
         if exc.status_code == 401:
             headers.setdefault("WWW-Authenticate", 'Bearer realm="keel"')
+        if isinstance(exc, ProblemError):
+            # Deliberate answers (503 when a dependency is down, 409, 422 …): already logged where raised.
+            return problem_response(request, exc.status_code, exc.detail, slug=exc.slug, headers=headers)
         if exc.status_code >= 500:
             logger.opt(exception=exc).error("server error")
             return problem_response(request, exc.status_code, None, headers=headers)
         # Litestar's generic details merely repeat the status phrase.
         detail = None if exc.detail == HTTPStatus(exc.status_code).phrase else _clean(exc.detail)
         # A bare 400 from the framework means the body could not be decoded.
-        slug = exc.slug if isinstance(exc, ProblemError) else MALFORMED.slug if exc.status_code == 400 else None
+        slug = MALFORMED.slug if exc.status_code == 400 else None
         return problem_response(request, exc.status_code, detail, slug=slug, headers=headers)
     if isinstance(exc, DomainError):
         return _domain(request, exc)

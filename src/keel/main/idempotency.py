@@ -8,9 +8,11 @@ future. Handlers opt in to *requiring* a key with ``opt={"idempotency": "require
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from datetime import timedelta
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPRequestEvent, Message, Receive, ReceiveMessage, Scope, Send
 from loguru import logger
@@ -58,7 +60,9 @@ _SKIP_HEADERS = {b"date", b"server", b"x-request-id", b"ratelimit", b"ratelimit-
 def parse_key(values: list[bytes]) -> str:
     if len(values) != 1:
         raise ProblemError(400, "Send exactly one Idempotency-Key header.", KEY_INVALID.slug)
-    raw = values[0].decode("latin-1").strip()
+    # Only HTTP whitespace (SP, HTAB) is optional around a field value; str.strip() would also eat
+    # bytes such as 0xA0 and make "k1\xa0" replay "k1".
+    raw = values[0].decode("latin-1").strip(" \t")
     quoted = _SF_STRING.match(raw)
     key = re.sub(r'\\(["\\])', r"\1", quoted.group(1)) if quoted else raw
     if not key or len(key) > _MAX_LEN or (not quoted and not _TOKEN.match(key)):
@@ -89,7 +93,8 @@ class IdempotencyMiddleware:
 
         user = scope.get("user")
         owner = f"t:{user.tenant_id}" if isinstance(user, Principal) else f"ip:{client_ip(scope)}"
-        store_key = f"{owner}:{key}"
+        sealer = _Sealer(owner, key)
+        store_key = sealer.store_key
         body = await self._read_body(receive)
         fingerprint = hashlib.sha256(b"POST\0" + scope["path"].encode() + b"\0" + body).hexdigest()
 
@@ -111,9 +116,9 @@ class IdempotencyMiddleware:
                     KEY_IN_FLIGHT.slug,
                     headers={"Retry-After": "1"},
                 )
-            await _replay(record.response, send)
+            await _replay(record.response, sealer.open(record.response.body), send)
             return
-        await self._run_and_store(scope, body, receive, send, store_key, fingerprint)
+        await self._run_and_store(scope, body, receive, send, sealer, fingerprint)
 
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
@@ -132,8 +137,9 @@ class IdempotencyMiddleware:
         return b"".join(chunks)
 
     async def _run_and_store(
-        self, scope: Scope, body: bytes, receive: Receive, send: Send, store_key: str, fingerprint: str
+        self, scope: Scope, body: bytes, receive: Receive, send: Send, sealer: _Sealer, fingerprint: str
     ) -> None:
+        store_key = sealer.store_key
         delivered = False
 
         async def replay_body() -> ReceiveMessage:
@@ -169,7 +175,7 @@ class IdempotencyMiddleware:
         if status in _NOT_STORED or status >= 500:
             await self._forget(store_key, fingerprint)
             return
-        response = StoredResponse(status=status, headers=headers, body=b"".join(parts))
+        response = StoredResponse(status=status, headers=headers, body=sealer.seal(b"".join(parts)))
         try:
             await self._store.complete(store_key, fingerprint, response, self._clock.now() + RETENTION)
         except Exception as exc:  # noqa: BLE001 - the response is out; the claim lapses after IN_FLIGHT_HOLD
@@ -182,9 +188,28 @@ class IdempotencyMiddleware:
             logger.warning("could not release the idempotency key: {!r}", exc)
 
 
-async def _replay(response: StoredResponse, send: Send) -> None:
+class _Sealer:
+    """Stored responses can hold secrets (a freshly issued API key is shown exactly once, and its
+    replay must show it again). So the store never sees the client's key nor a readable body: the
+    record is filed under a hash of (owner, key) and the body is sealed with AES-GCM under another
+    hash of them. Reading a record back requires the key the client sent."""
+
+    def __init__(self, owner: str, key: str) -> None:
+        material = f"{owner}\0{key}".encode()
+        self.store_key = hashlib.sha256(b"keel-idempotency-id\0" + material).hexdigest()
+        self._aead = AESGCM(hashlib.sha256(b"keel-idempotency-seal\0" + material).digest())
+
+    def seal(self, body: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, body, None)
+
+    def open(self, sealed: bytes) -> bytes:
+        return self._aead.decrypt(sealed[:12], sealed[12:], None)
+
+
+async def _replay(response: StoredResponse, body: bytes, send: Send) -> None:
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
-    headers.append((b"content-length", str(len(response.body)).encode()))
+    headers.append((b"content-length", str(len(body)).encode()))
     headers.append((b"idempotent-replayed", b"true"))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body, "more_body": False})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

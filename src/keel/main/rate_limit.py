@@ -20,8 +20,11 @@ _OPEN_FOR = 1.0  # after a limiter failure, admit without asking for this long (
 
 
 class RateLimitStats:
+    """Per process, shared by every route's middleware instance (Litestar builds one per route)."""
+
     def __init__(self) -> None:
         self.failed_open = 0
+        self.open_until = 0.0
 
 
 def client_ip(scope: Scope) -> str:
@@ -47,7 +50,6 @@ class RateLimitMiddleware:
         self._per_minute = per_minute
         self._signup_per_hour = signup_per_hour
         self._stats = stats
-        self._open_until = 0.0
 
     async def _policy(self, scope: Scope) -> tuple[str, str, int, int] | None:
         handler = scope.get("route_handler")
@@ -60,7 +62,7 @@ class RateLimitMiddleware:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP or time.monotonic() < self._open_until:
+        if scope["type"] != ScopeType.HTTP or time.monotonic() < self._stats.open_until:
             await self.app(scope, receive, send)
             return
         policy = await self._policy(scope)
@@ -72,7 +74,7 @@ class RateLimitMiddleware:
             decision = await self._limiter.hit(key, limit, window)
         except Exception as exc:  # noqa: BLE001 - fail open, loudly
             self._stats.failed_open += 1
-            self._open_until = time.monotonic() + _OPEN_FOR
+            self._stats.open_until = time.monotonic() + _OPEN_FOR
             logger.warning("rate limiter unavailable, admitting requests: {!r}", exc)
             await self.app(scope, receive, send)
             return
