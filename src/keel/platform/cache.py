@@ -68,6 +68,20 @@ class ReadThroughCache:
             self._failed(op, exc)
             return default
 
+    async def _read(self, key: str, type_: type[T]) -> T | None:
+        raw = await self._guard("get", self._cache.get(key), None)
+        if raw is None:
+            return None
+        try:
+            value = msgspec.msgpack.decode(raw, type=type_)
+        except msgspec.DecodeError as exc:
+            # An entry of another shape (a deploy that forgot to bump a key's schema): drop it.
+            self._failed("decode", exc)
+            await self._guard("delete", self._cache.delete(key), None)
+            return None
+        self.stats.hits += 1
+        return value
+
     async def get_or_load(
         self, key: str, type_: type[T], loader: Callable[[], Awaitable[T | None]], ttl: float
     ) -> T | None:
@@ -78,11 +92,14 @@ class ReadThroughCache:
         """
         if not self._enabled or not self.available:
             return await loader()
-        raw = await self._guard("get", self._cache.get(key), None)
-        if raw is not None:
-            self.stats.hits += 1
-            return msgspec.msgpack.decode(raw, type=type_)
+        hit = await self._read(key, type_)
+        if hit is not None:
+            return hit
         self.stats.misses += 1
+        if not self.available:
+            return await loader()
+        # A lease is only granted while the key holds no value, so a caller whose miss crossed
+        # another caller's fill waits and reads that fill instead of loading again.
         token = await self._guard("lease", self._cache.lease(key, _LEASE_TTL), None)
         if token is None and self.available:
             # Someone else is loading: wait for their fill, or for their lease to go (they found
@@ -92,17 +109,16 @@ class ReadThroughCache:
             while token is None and self.available and time.monotonic() < deadline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.025)
-                raw = await self._guard("get", self._cache.get(key), None)
-                if raw is not None:
-                    self.stats.hits += 1
-                    return msgspec.msgpack.decode(raw, type=type_)
+                hit = await self._read(key, type_)
+                if hit is not None:
+                    return hit
                 token = await self._guard("lease", self._cache.lease(key, _LEASE_TTL), None)
         self.stats.loads += 1
         try:
             value = await loader()
         except BaseException:
             if token is not None:
-                await self._guard("release", self._cache.delete(key), None)
+                await self._guard("release", self._cache.release(key, token), None)
             raise
         if token is not None:
             if value is not None:
@@ -111,7 +127,7 @@ class ReadThroughCache:
                 )
             else:
                 # Nothing to cache (absent values are not cached): hand the lease back at once.
-                await self._guard("release", self._cache.delete(key), None)
+                await self._guard("release", self._cache.release(key, token), None)
         return value
 
     async def invalidate(self, *keys: str) -> None:

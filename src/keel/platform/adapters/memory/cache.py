@@ -46,6 +46,8 @@ class InMemoryCache:
             self._leases.pop(key, None)
 
     async def lease(self, key: str, ttl: float) -> str | None:
+        if await self.get(key) is not None:
+            return None
         held = self._leases.get(key)
         if held is not None and held[1] > self._now():
             return None
@@ -60,3 +62,8 @@ class InMemoryCache:
         del self._leases[key]
         await self.set(key, value, ttl)
         return True
+
+    async def release(self, key: str, token: str) -> None:
+        held = self._leases.get(key)
+        if held is not None and held[0] == token:
+            del self._leases[key]

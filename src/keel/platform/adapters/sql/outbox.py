@@ -21,6 +21,10 @@ from keel.platform.context import request_id_var
 from keel.platform.domain.events import Event, EventDispatcher
 from keel.platform.ports.clock import Clock
 
+# After this many failed sweeps an event is parked: it stays in the table, unpublished, with its
+# last error, for an operator to inspect and replay (UPDATE outbox SET attempts = 0 …).
+MAX_ATTEMPTS = 25
+
 
 class OutboxRow(Base):
     __tablename__ = "outbox"
@@ -105,8 +109,13 @@ class SqlOutboxRelay:
         async with self._sessions() as session, session.begin():
             stmt = (
                 select(OutboxRow)
-                .where(OutboxRow.published_at.is_(None), OutboxRow.occurred_at <= cutoff)
-                .order_by(OutboxRow.occurred_at)
+                .where(
+                    OutboxRow.published_at.is_(None),
+                    OutboxRow.occurred_at <= cutoff,
+                    OutboxRow.attempts < MAX_ATTEMPTS,
+                )
+                # Fewest attempts first: events that keep failing cannot starve newer ones.
+                .order_by(OutboxRow.attempts, OutboxRow.occurred_at)
                 .limit(batch)
                 .with_for_update(skip_locked=True)
             )
