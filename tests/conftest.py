@@ -12,12 +12,11 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from keel.main import db
 from keel.main.logging import configure_logging
-from tests.support.servers import PostgresServer, RedisServer, postgres_server, redis_server
+from tests.support.servers import PostgresServer, RedisServer, admin_sql, postgres_server, redis_server
 
 TEMPLATE_DB = "keel_template"
 
@@ -33,7 +32,7 @@ def pg() -> Iterator[PostgresServer]:
 
         # Session fixtures may first be requested from inside an async test's loop.
         with ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, _admin(server, f'CREATE DATABASE "{TEMPLATE_DB}"')).result()
+            pool.submit(asyncio.run, admin_sql(server, f'CREATE DATABASE "{TEMPLATE_DB}"')).result()
         db.upgrade(server.url(TEMPLATE_DB))
         yield server
 
@@ -55,21 +54,13 @@ async def redis_url(redis_proc: RedisServer) -> str:
     return redis_proc.url
 
 
-async def _admin(server: PostgresServer, sql: str) -> None:
-    conn = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="postgres")
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture
 async def pg_url(pg: PostgresServer) -> AsyncIterator[str]:
     """A fresh, migrated Postgres database for one test."""
     name = f"t_{uuid.uuid4().hex[:12]}"
-    await _admin(pg, f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+    await admin_sql(pg, f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
     yield pg.url(name)
-    await _admin(pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin_sql(pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

@@ -28,26 +28,12 @@ from keel.platform.adapters.memory.idempotency import InMemoryIdempotencyStore
 from keel.platform.adapters.redis.idempotency import RedisIdempotencyStore
 from keel.platform.ports.idempotency import StoredResponse
 from tests.fakes.clock import ManualClock
-from tests.support.app import client_for, make_settings, signup
+from tests.support.app import Request, burst, client_for, make_settings, signup
 from tests.support.servers import RedisServer
 
 Client = AsyncTestClient[Litestar]
 PROBLEM = "application/problem+json"
 ADA = {"email": "ada@acme.test", "name": "Ada"}
-Request = tuple[str, str, dict[str, Any]]
-
-
-async def _send_all(app: Litestar, requests: list[Request], client: tuple[str, int]) -> list[httpx.Response]:
-    transport = httpx.ASGITransport(app=app, client=client)
-    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
-        return list(await asyncio.gather(*(c.request(m, u, **kw) for m, u, kw in requests)))
-
-
-async def burst(
-    client: Client, requests: list[Request], address: tuple[str, int] = ("127.0.0.1", 40000)
-) -> list[httpx.Response]:
-    """Send ``requests`` concurrently to the app behind ``client``, on that app's own event loop."""
-    return await asyncio.to_thread(client.blocking_portal.call, _send_all, client.app, requests, address)
 
 
 def keyed(tenant: dict[str, Any], key: str | bytes) -> dict[str, Any]:

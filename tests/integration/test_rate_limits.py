@@ -13,7 +13,6 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +21,7 @@ from litestar.testing import AsyncTestClient
 
 from keel.main.container import Container
 from keel.main.settings import Settings
-from tests.support.app import client_for, make_settings, signup
+from tests.support.app import Request, burst, client_for, make_settings, signup
 from tests.support.servers import RedisServer
 
 Client = AsyncTestClient[Litestar]
@@ -31,21 +30,6 @@ POLICY = re.compile(r'^"(?P<name>[a-z]+)";q=(?P<q>\d+);w=(?P<w>\d+)$')
 STATE = re.compile(r'^"(?P<name>[a-z]+)";r=(?P<r>\d+);t=(?P<t>\d+)$')
 # AsyncTestClient puts this in the ASGI scope as the client address: ("testclient", 50000).
 TEST_CLIENT_HOST = "testclient"
-
-Request = tuple[str, str, dict[str, Any]]
-
-
-async def _send_all(app: Litestar, requests: list[Request], client: tuple[str, int]) -> list[httpx.Response]:
-    transport = httpx.ASGITransport(app=app, client=client)
-    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
-        return list(await asyncio.gather(*(c.request(m, u, **kw) for m, u, kw in requests)))
-
-
-async def burst(
-    client: Client, requests: list[Request], address: tuple[str, int] = ("127.0.0.1", 40000)
-) -> list[httpx.Response]:
-    """Send ``requests`` concurrently to the app behind ``client``, on that app's own event loop."""
-    return await asyncio.to_thread(client.blocking_portal.call, _send_all, client.app, requests, address)
 
 
 def container(client: Client) -> Container:

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from advanced_alchemy.types import GUID, DateTimeUTC
 from alembic import command
@@ -25,7 +24,7 @@ from sqlalchemy.engine import Connection
 
 from keel.main import db
 from keel.platform.adapters.sql.engine import create_engine
-from tests.support.servers import PostgresServer
+from tests.support.servers import PostgresServer, admin_sql
 
 APP_TABLES = set(db.all_metadata().tables)
 VERSION_TABLE = "alembic_version"
@@ -33,14 +32,6 @@ ENV_PY = db.migrations_dir() / "env.py"
 
 
 # -- fixtures: empty databases ----------------------------------------------------------------
-
-
-async def _admin(server: PostgresServer, sql: str) -> None:
-    conn = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="postgres")
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
@@ -54,9 +45,9 @@ def empty_sqlite_url(tmp_path: Path) -> str:
 async def empty_pg_url(pg: PostgresServer) -> AsyncIterator[str]:
     """A brand-new database cloned from template0: nothing migrated, nothing from the keel template."""
     name = f"m_{uuid.uuid4().hex[:12]}"
-    await _admin(pg, f'CREATE DATABASE "{name}" TEMPLATE template0')
+    await admin_sql(pg, f'CREATE DATABASE "{name}" TEMPLATE template0')
     yield pg.url(name)
-    await _admin(pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin_sql(pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
@@ -48,3 +50,22 @@ async def signup(
     body: dict[str, Any] = r.json()
     body["headers"] = {"Authorization": f"Bearer {body['api_key']['token']}"}
     return body
+
+
+Request = tuple[str, str, dict[str, Any]]
+
+
+async def _send_all(app: Litestar, requests: list[Request], client: tuple[str, int]) -> list[httpx.Response]:
+    transport = httpx.ASGITransport(app=app, client=client)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+        return list(await asyncio.gather(*(c.request(m, u, **kw) for m, u, kw in requests)))
+
+
+async def burst(
+    client: AsyncTestClient[Litestar], requests: list[Request], address: tuple[str, int] = ("127.0.0.1", 40000)
+) -> list[httpx.Response]:
+    """Send ``requests`` concurrently to the app behind ``client``, on that app's own event loop.
+
+    AsyncTestClient serialises requests; real concurrency needs the app's loop (its blocking portal).
+    """
+    return await asyncio.to_thread(client.blocking_portal.call, _send_all, client.app, requests, address)

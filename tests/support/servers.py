@@ -67,6 +67,17 @@ class PostgresServer:
         self._ctl("-m", mode, "-w", "stop", check=False)
 
 
+async def admin_sql(server: PostgresServer, sql: str) -> None:
+    """Run one statement as the superuser on the server's maintenance database."""
+    import asyncpg
+
+    conn = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="postgres")
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
 @contextlib.contextmanager
 def postgres_server() -> Iterator[PostgresServer]:
     bindir = _pg_bindir()
