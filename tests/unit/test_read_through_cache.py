@@ -475,7 +475,7 @@ class SlowReplies(SpyCache):
 async def test_a_waiter_whose_miss_crosses_the_fill_does_not_load_again() -> None:
     """Stampede protection must not depend on timing: a waiter that read "missing" just before the holder
     filled (its reply still in flight) and then finds the lease free must not run the loader a second time.
-    (Without a re-check once the lease is won, 100 concurrent misses over real Redis made 2+ loads in
+    (When leases were granted on filled keys, 100 concurrent misses over real Redis made 2+ loads in
     most runs: see test_a_hundred_concurrent_misses_make_one_load[redis].)
     """
     cache = SlowReplies(InMemoryCache(ManualClock()))
@@ -523,10 +523,7 @@ async def test_a_disabled_cache_always_loads_but_still_invalidates() -> None:
 async def test_a_late_reader_whose_first_miss_crosses_the_fill_does_not_load_again() -> None:
     """The same race on a caller's *first* look: its ``get`` reads "missing" just before the holder fills
     (reply still in flight), and by the time it asks for the lease the holder has filled and released it.
-
-    Exposes the remaining gap in ``ReadThroughCache.get_or_load`` (src/keel/platform/cache.py): the
-    re-check after winning a lease is only done inside the wait branch (``if token is None and
-    self.available:``), not when the very first ``lease`` call succeeds, so this caller loads a second time.
+    Leases are refused on keys that hold a value, so this caller reads the fill instead of loading again.
     """
     cache = SlowReplies(InMemoryCache(ManualClock()))
     rtc = ReadThroughCache(cache)
