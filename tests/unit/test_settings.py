@@ -264,3 +264,28 @@ def test_cli_exits_2_with_one_line_on_bad_setting(tmp_path: Path) -> None:
     assert "KEEL_PORT" in lines[0]
     # It stopped before touching the database.
     assert not (tmp_path / "data").exists()
+
+
+def test_several_workers_need_redis() -> None:
+    with pytest.raises(SettingsError, match=r"^KEEL_WORKERS: .*KEEL_REDIS_URL"):
+        load_settings({"KEEL_WORKERS": "2"})
+    shared = load_settings({"KEEL_WORKERS": "2", "KEEL_REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert shared.workers == 2
+    assert shared.workers_problem(4) is None
+    assert load_settings({}).workers_problem(3) is not None
+
+
+def test_serve_refuses_several_workers_without_redis_before_touching_anything(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")} | {"KEEL_DATA_DIR": str(tmp_path / "d")}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "keel"), "serve", "--workers", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "keel: invalid configuration: --workers: more than 1 worker needs KEEL_REDIS_URL (shared cache and limits)"
+    ]
+    assert not (tmp_path / "d").exists()

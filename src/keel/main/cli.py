@@ -18,6 +18,10 @@ def _serve(args: argparse.Namespace) -> int:
     from keel.main.logging import configure_logging
 
     settings = settings_or_exit()
+    workers = args.workers or settings.workers
+    if (problem := settings.workers_problem(workers)) is not None:
+        print(f"keel: invalid configuration: {problem.replace('KEEL_WORKERS', '--workers')}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_json)
     if settings.should_migrate_on_start:
         if settings.is_embedded_db:
@@ -26,7 +30,6 @@ def _serve(args: argparse.Namespace) -> int:
         logger.info("database migrated to head")
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
-    workers = args.workers or settings.workers
     logger.info("serving Keel on http://{}:{} ({} worker(s)); docs at /docs", host, port, workers)
     Granian(
         "keel.main.asgi:create_app",

@@ -17,6 +17,7 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPRequestEvent, Message, Receive, ReceiveMessage, Scope, Send
 from loguru import logger
 
+from keel.main.errors import TOO_LARGE
 from keel.main.rate_limit import client_ip
 from keel.platform.adapters.http.problems import ProblemError, problem_type
 from keel.platform.domain.tenancy import Principal
@@ -130,7 +131,7 @@ class IdempotencyMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:
-                raise ProblemError(413, "The request body exceeds the size limit.", "payload-too-large")
+                raise ProblemError(413, "The request body exceeds the size limit.", TOO_LARGE.slug)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

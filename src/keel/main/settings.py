@@ -52,6 +52,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def is_embedded_db(self) -> bool:
         return self.database_url.startswith("sqlite")
 
+    def workers_problem(self, workers: int) -> str | None:
+        """Why ``workers`` processes cannot run on these settings, if they cannot."""
+        if workers > 1 and self.redis_url is None:
+            # In-process caches, limits and idempotency keys cannot be shared between processes.
+            return "KEEL_WORKERS: more than 1 worker needs KEEL_REDIS_URL (shared cache and limits)"
+        return None
+
     @property
     def should_migrate_on_start(self) -> bool:
         return self.is_embedded_db if self.migrate_on_start is None else self.migrate_on_start
@@ -161,13 +168,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kwargs["rate_limit_per_minute"] = _int("KEEL_RATE_LIMIT_PER_MINUTE", v, 1, 1_000_000)
     if (v := get("KEEL_SIGNUP_RATE_LIMIT_PER_HOUR")) is not None:
         kwargs["signup_rate_limit_per_hour"] = _int("KEEL_SIGNUP_RATE_LIMIT_PER_HOUR", v, 1, 1_000_000)
-    if redis_url is None and int(str(kwargs.get("workers", 1))) > 1:
-        # In-process caches, limits and idempotency keys cannot be shared between processes.
-        raise SettingsError("KEEL_WORKERS: more than 1 worker needs KEEL_REDIS_URL (shared cache and limits)")
     kwargs["otel_endpoint"] = get("OTEL_EXPORTER_OTLP_ENDPOINT") or get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if (v := get("OTEL_SERVICE_NAME")) is not None:
         kwargs["service_name"] = v
-    return Settings(**kwargs)  # type: ignore[arg-type]
+    settings = Settings(**kwargs)  # type: ignore[arg-type]
+    if (problem := settings.workers_problem(settings.workers)) is not None:
+        raise SettingsError(problem)
+    return settings
 
 
 def settings_or_exit(env: Mapping[str, str] | None = None) -> Settings:
