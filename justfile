@@ -35,3 +35,11 @@ lint: _sync
 fmt: _sync
     uv run --no-sync ruff format src tests migrations
     uv run --no-sync ruff check --fix src tests migrations
+
+# Run an RQ worker with the scheduler (needs KEEL_REDIS_URL; e.g. just worker --queues high --burst)
+worker *ARGS: _sync
+    uv run --no-sync keel worker {{ARGS}}
+
+# Enqueue periodic jobs on schedule (needs KEEL_REDIS_URL; run one per deployment)
+cron *ARGS: _sync
+    uv run --no-sync keel cron {{ARGS}}

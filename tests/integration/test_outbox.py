@@ -19,7 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from keel.contexts.accounts.adapters.sql.repositories import SqlAccountsUnitOfWork
 from keel.contexts.accounts.domain.model import Tenant, TenantConfig
 from keel.platform.adapters.sql.engine import create_engine, session_factory
-from keel.platform.adapters.sql.outbox import MAX_ATTEMPTS, OutboxRow, OutboxSweeper, SqlOutboxRelay
+from keel.platform.adapters.jobs.execution import JobRegistry
+from keel.platform.adapters.jobs.in_process import InProcessJobQueue
+from keel.platform.adapters.sql.outbox import MAX_ATTEMPTS, SWEEP_JOB, OutboxRow, SqlOutboxRelay, outbox_jobs
+from keel.platform.domain.jobs import JobStatus
+from keel.platform.ports.jobs import PeriodicJob
 from keel.platform.context import request_id_var
 from keel.platform.domain.events import Event, EventDispatcher
 from keel.platform.domain.ids import new_id
@@ -399,30 +403,37 @@ async def test_sweep_takes_the_oldest_first_in_batches_and_pending_counts(db: Db
     assert [e.data["name"] for e in sub.received] == names
 
 
-async def test_the_background_sweeper_publishes_leftovers(db: Db, clock: ManualClock) -> None:
+async def _wait_for(condition: Any, seconds: float = 5.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not await condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_the_periodic_sweep_job_publishes_leftovers(db: Db, clock: ManualClock) -> None:
     sub = Subscriber()
     relay = relay_with(db, clock, sub)
     for name in ["A", "B", "C"]:
         await create_tenant(db, clock, publisher=None, name=name)
     clock.advance(seconds=6)
-    sweeper = OutboxSweeper(relay, interval=0.02)
-    sweeper.start()
+    specs, periodic = outbox_jobs(relay)
+    assert [p.name for p in periodic] == [SWEEP_JOB]
+    queue = InProcessJobQueue(JobRegistry(specs), clock, periodic=[PeriodicJob(name=SWEEP_JOB, every=1)])
+    queue.start()
     try:
-        for _ in range(200):
-            if await relay.pending() == 0:
-                break
-            await asyncio.sleep(0.01)
+
+        async def drained() -> bool:
+            return await relay.pending() == 0
+
+        await _wait_for(drained)
     finally:
-        await sweeper.stop()
-    assert await relay.pending() == 0
+        await queue.stop()
     assert sorted(e.data["name"] for e in sub.received) == ["A", "B", "C"]
 
 
-async def test_the_background_sweeper_survives_a_failing_sweep_and_stops_cleanly() -> None:
+async def test_a_failing_sweep_is_a_failed_job_and_the_next_run_recovers(clock: ManualClock) -> None:
     class FlakyRelay:
         def __init__(self) -> None:
             self.calls = 0
-            self.recovered = asyncio.Event()
 
         async def sweep(self) -> int:
             self.calls += 1
@@ -430,88 +441,36 @@ async def test_the_background_sweeper_survives_a_failing_sweep_and_stops_cleanly
                 raise ConnectionError("database blip")
             if self.calls == 2:
                 return 3  # published some: sweep again at once
-            self.recovered.set()
             return 0
 
     relay = FlakyRelay()
-    sweeper = OutboxSweeper(relay, interval=0.01)  # type: ignore[arg-type]
-    await sweeper.stop()  # stopping a sweeper that never started is harmless
-    sweeper.start()
-    sweeper.start()  # starting twice does not start a second loop
+    specs, _ = outbox_jobs(relay)  # type: ignore[arg-type]
+    queue = InProcessJobQueue(JobRegistry(specs), clock)
+    queue.start()
     try:
-        await asyncio.wait_for(relay.recovered.wait(), 5)
+        first = await queue.enqueue(SWEEP_JOB, {})
+
+        async def first_done() -> bool:
+            job = await queue.get(first)
+            return job is not None and job.status.is_final
+
+        await _wait_for(first_done)
+        failed = await queue.get(first)
+        assert failed is not None
+        assert failed.status is JobStatus.FAILED  # no retry: the next tick is the retry
+        assert failed.error is not None
+        assert failed.error.code == "job-error"
+        second = await queue.enqueue(SWEEP_JOB, {})
+
+        async def second_done() -> bool:
+            job = await queue.get(second)
+            return job is not None and job.status.is_final
+
+        await _wait_for(second_done)
+        ok = await queue.get(second)
+        assert ok is not None
+        assert ok.status is JobStatus.SUCCEEDED
+        assert ok.result == {"published": 3}
+        assert relay.calls == 3
     finally:
-        await sweeper.stop()
-    calls = relay.calls
-    await asyncio.sleep(0.05)
-    assert relay.calls == calls  # stopped for good
-    await sweeper.stop()
-
-
-# -- several processes sweeping at once (Postgres: FOR UPDATE SKIP LOCKED) ---------------------------------
-
-
-async def test_two_relays_sweeping_concurrently_dispatch_each_event_exactly_once(pg_url: str) -> None:
-    clock = ManualClock()
-    first, second = Db(pg_url), Db(pg_url)  # two "processes": separate engines and connections
-    try:
-        events = [await create_tenant(first, clock, publisher=None, name=f"T{i}") for i in range(8)]
-        clock.advance(seconds=10)
-        sub_a = Subscriber(delay=0.05, name="a")
-        sub_b = Subscriber(delay=0.05, name="b")
-        relay_a = relay_with(first, clock, sub_a)
-        relay_b = relay_with(second, clock, sub_b)
-
-        async def drain(relay: SqlOutboxRelay) -> int:
-            total = 0
-            while (n := await relay.sweep(batch=2)) > 0:
-                total += n
-            return total
-
-        published = await asyncio.wait_for(asyncio.gather(drain(relay_a), drain(relay_b)), 10)
-
-        dispatched = [e.id for e in sub_a.received + sub_b.received]
-        assert sorted(dispatched) == sorted(e.id for e in events)  # every event, none twice
-        assert sum(published) == 8
-        # They really overlapped: each relay published part of the work.
-        assert sub_a.received
-        assert sub_b.received
-        assert await relay_a.pending() == 0
-        rows = await first.rows()
-        assert all(r.published_at is not None and r.attempts == 0 for r in rows)
-    finally:
-        await first.engine.dispose()
-        await second.engine.dispose()
-
-
-async def test_a_sweep_skips_rows_another_relay_holds(pg_url: str) -> None:
-    """While one relay is dispatching a row (holding its lock), another sweep neither blocks on it nor takes it."""
-    clock = ManualClock()
-    first, second = Db(pg_url), Db(pg_url)
-    try:
-        event = await create_tenant(first, clock, publisher=None)
-        clock.advance(seconds=10)
-        entered, release = asyncio.Event(), asyncio.Event()
-        seen: list[uuid.UUID] = []
-
-        async def slow(e: Event) -> None:
-            seen.append(e.id)
-            entered.set()
-            await release.wait()
-
-        dispatcher = EventDispatcher()
-        dispatcher.subscribe("*", slow)
-        holder = asyncio.create_task(SqlOutboxRelay(first.sessions, dispatcher, clock, grace=GRACE).sweep())
-        await asyncio.wait_for(entered.wait(), 5)
-
-        other_sub = Subscriber()
-        other = relay_with(second, clock, other_sub)
-        assert await asyncio.wait_for(other.sweep(), 5) == 0  # did not wait for the lock
-        assert other_sub.received == []
-        release.set()
-        assert await holder == 1
-        assert seen == [event.id]
-        assert await other.pending() == 0
-    finally:
-        await first.engine.dispose()
-        await second.engine.dispose()
+        await queue.stop()

@@ -18,6 +18,7 @@ from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlu
 from opentelemetry.sdk.trace import TracerProvider
 
 from keel.contexts.accounts.adapters.http.controllers import ROUTES as ACCOUNTS_ROUTES
+from keel.contexts.webhooks.adapters.http.controllers import ROUTES as WEBHOOKS_ROUTES
 from keel.main.auth import PUBLIC_PATHS, ApiKeyAuthMiddleware
 from keel.main.container import Container, build_container
 from keel.main.errors import describe_problem, handle_exception
@@ -30,6 +31,7 @@ from keel.main.request_context import RequestContextMiddleware, echo_request_id
 from keel.main.settings import Settings, settings_or_exit
 from keel.main.telemetry import build_tracer_provider, instrument
 from keel.platform.adapters.http.auth import provide_principal
+from keel.platform.adapters.http.jobs import JobController
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
@@ -116,12 +118,24 @@ def create_app(
     plugins: list[Any] = []
     if provider is not None:
         instrument(provider, container.engine)
+        container.trace_jobs(provider)
         plugins.append(OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=provider)))
 
     return Litestar(
-        route_handlers=[*ACCOUNTS_ROUTES, healthz, livez, describe_problem, openapi_json, docs],
+        route_handlers=[
+            *ACCOUNTS_ROUTES,
+            *WEBHOOKS_ROUTES,
+            JobController,
+            healthz,
+            livez,
+            describe_problem,
+            openapi_json,
+            docs,
+        ],
         dependencies={
             "accounts": Provide(lambda: container.accounts, sync_to_thread=False),
+            "webhooks": Provide(lambda: container.webhooks, sync_to_thread=False),
+            "jobs": Provide(lambda: container.jobs, sync_to_thread=False),
             "health": Provide(lambda: container.health, sync_to_thread=False),
             "principal": Provide(provide_principal, sync_to_thread=False),
         },

@@ -1,4 +1,4 @@
-"""The ``keel`` command: serve, migrate."""
+"""The ``keel`` command: serve, worker, cron, migrate."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from keel.main.settings import settings_or_exit
+from keel.main.settings import Settings, settings_or_exit
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -55,6 +62,51 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs_redis(settings: Settings, command: str) -> bool:
+    if settings.redis_url is None:
+        print(
+            f"keel: `keel {command}` needs KEEL_REDIS_URL; the embedded default runs jobs inside `keel serve`",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from keel.main.worker import run_worker
+    from keel.platform.domain.jobs import QUEUES
+
+    settings = settings_or_exit()
+    if not _needs_redis(settings, "worker"):
+        return 2
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    if not queues or any(q not in QUEUES for q in queues):
+        print(f"keel: --queues: a comma-separated list of {', '.join(QUEUES)}", file=sys.stderr)
+        return 2
+    run_worker(
+        settings,
+        queues=queues,
+        burst=args.burst,
+        simple=args.simple,
+        name=args.name,
+        maintenance_interval=args.maintenance_interval,
+        monitoring_interval=args.monitoring_interval,
+        heartbeat_grace=args.heartbeat_grace,
+        worker_ttl=args.worker_ttl,
+    )
+    return 0
+
+
+def _cron(args: argparse.Namespace) -> int:
+    from keel.main.worker import run_cron
+
+    settings = settings_or_exit()
+    if not _needs_redis(settings, "cron"):
+        return 2
+    run_cron(settings)
+    return 0
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from alembic import command
 
@@ -92,6 +144,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, help="server worker processes (default KEEL_WORKERS or 1)")
     serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser("worker", help="run jobs from the RQ queues (with the retry/delay scheduler)")
+    worker.add_argument(
+        "--queues", default="high,default,low", help="queues in priority order (default high,default,low)"
+    )
+    worker.add_argument("--burst", action="store_true", help="quit when the queues are empty")
+    worker.add_argument(
+        "--simple",
+        action="store_true",
+        help="run jobs in this process instead of forking per job (faster, less isolated)",
+    )
+    worker.add_argument("--name", help="worker name (default: host, pid and a random suffix)")
+    worker.add_argument(
+        "--maintenance-interval",
+        type=_positive,
+        default=600,
+        metavar="S",
+        help="seconds between registry clean-ups, which find abandoned jobs (default 600)",
+    )
+    worker.add_argument(
+        "--monitoring-interval",
+        type=_positive,
+        default=30,
+        metavar="S",
+        help="seconds between heartbeats of a running job (default 30)",
+    )
+    worker.add_argument(
+        "--heartbeat-grace",
+        type=_positive,
+        default=60,
+        metavar="S",
+        help="seconds after a missed heartbeat before a job counts as abandoned (default 60)",
+    )
+    worker.add_argument(
+        "--worker-ttl",
+        type=_positive,
+        default=420,
+        metavar="S",
+        help="seconds a silent worker stays registered; idle workers wake every TTL-15 s (default 420)",
+    )
+    worker.set_defaults(func=_worker)
+
+    cron = sub.add_parser("cron", help="enqueue periodic jobs (outbox sweep, webhook safety net) on schedule")
+    cron.set_defaults(func=_cron)
 
     migrate = sub.add_parser("migrate", help="apply or inspect database migrations")
     migrate.add_argument(

@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import redis as redis_sync
 from loguru import logger
+from opentelemetry.trace import TracerProvider
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keel.contexts.accounts.adapters.sql.repositories import SqlAccountsUnitOfWork
 from keel.contexts.accounts.domain import caching as accounts_caching
 from keel.contexts.accounts.domain.services import AccountsService
+from keel.contexts.accounts.public import PUBLIC_EVENTS, AccountsDirectory
+from keel.contexts.notifications.adapters import jobs as notifications_jobs
+from keel.contexts.notifications.adapters.mailers import FileMailer, SmtpMailer
+from keel.contexts.notifications.adapters.sql.repositories import SqlNotificationsUnitOfWork
+from keel.contexts.notifications.adapters.templates import JinjaTemplateRenderer
+from keel.contexts.notifications.domain.services import SEND_JOB, TRIGGERS, NotificationsService
+from keel.contexts.notifications.ports.repositories import Mailer
+from keel.contexts.webhooks.adapters import jobs as webhooks_jobs
+from keel.contexts.webhooks.adapters.httpx_sender import HttpxWebhookSender
+from keel.contexts.webhooks.adapters.sql.repositories import SqlWebhooksUnitOfWork
+from keel.contexts.webhooks.domain.services import FAN_OUT_JOB, WebhooksService
 from keel.main.health import HealthProbe
 from keel.main.rate_limit import RateLimitStats
 from keel.main.settings import Settings
 from keel.platform.adapters.clock import SystemClock
+from keel.platform.adapters.jobs.execution import JobRegistry
+from keel.platform.adapters.jobs.in_process import InProcessJobQueue
+from keel.platform.adapters.jobs.rq_queue import RqJobQueue
 from keel.platform.adapters.limits_rate_limiter import LimitsRateLimiter
 from keel.platform.adapters.memory.cache import InMemoryCache
 from keel.platform.adapters.memory.idempotency import InMemoryIdempotencyStore
@@ -23,13 +41,14 @@ from keel.platform.adapters.redis.health import RedisHealthCheck
 from keel.platform.adapters.redis.idempotency import RedisIdempotencyStore
 from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.adapters.sql.health import SqlHealthCheck
-from keel.platform.adapters.sql.outbox import OutboxSweeper, SqlOutboxRelay
+from keel.platform.adapters.sql.outbox import SqlOutboxRelay, outbox_jobs
 from keel.platform.cache import ReadThroughCache
-from keel.platform.domain.events import ANY_EVENT, Event, EventDispatcher
+from keel.platform.domain.events import ANY_EVENT, Event, EventDispatcher, event_to_args
 from keel.platform.ports.cache import Cache
 from keel.platform.ports.clock import Clock
 from keel.platform.ports.health import HealthCheck
 from keel.platform.ports.idempotency import IdempotencyStore
+from keel.platform.ports.jobs import JobQueue, PeriodicJob
 from keel.platform.ports.rate_limit import RateLimiter
 
 
@@ -41,26 +60,44 @@ class Container:
     clock: Clock
     events: EventDispatcher
     relay: SqlOutboxRelay
-    sweeper: OutboxSweeper
+    job_registry: JobRegistry
+    jobs: JobQueue
+    periodic: list[PeriodicJob]
     cache: ReadThroughCache
     limiter: RateLimiter
     rate_limit_stats: RateLimitStats
     idempotency: IdempotencyStore
     accounts: AccountsService
+    webhooks: WebhooksService
+    notifications: NotificationsService
     health: HealthProbe
+    webhook_sender: HttpxWebhookSender
     redis: Redis | None = None
+    redis_sync: redis_sync.Redis | None = None
     _closed: bool = field(default=False, repr=False)
 
+    def trace_jobs(self, provider: TracerProvider) -> None:
+        """Jobs run in this process (the embedded default) report their spans to the app's provider."""
+        if isinstance(self.jobs, InProcessJobQueue):
+            self.jobs.tracer_provider = provider
+
     async def start(self) -> None:
-        self.sweeper.start()
+        """Background work of an API process: the embedded default runs jobs (and their periodic
+        schedule) here; with Redis, ``keel worker`` and ``keel cron`` do."""
+        if isinstance(self.jobs, InProcessJobQueue):
+            self.jobs.start()
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        await self.sweeper.stop()
+        if isinstance(self.jobs, InProcessJobQueue):
+            await self.jobs.stop()
+        await self.webhook_sender.aclose()
         if self.redis is not None:
             await self.redis.aclose()
+        if self.redis_sync is not None:
+            self.redis_sync.close()
         await self.engine.dispose()
 
 
@@ -75,6 +112,23 @@ def subscribe_cache_invalidation(events: EventDispatcher, cache: ReadThroughCach
         await cache.invalidate(*accounts_caching.keys_to_invalidate(event))
 
     events.subscribe(ANY_EVENT, invalidate)
+
+
+def subscribe_jobs(events: EventDispatcher, jobs: JobQueue) -> None:
+    """Events that owe slow work become jobs. The job id is derived from the event, so an event the
+    outbox publishes twice still makes one job."""
+
+    def enqueue(job_name: str) -> Callable[[Event], Awaitable[None]]:
+        async def handler(event: Event) -> None:
+            job_id = str(uuid.uuid5(event.id, job_name))
+            await jobs.enqueue(job_name, {"event": event_to_args(event)}, tenant_id=event.tenant_id, job_id=job_id)
+
+        return handler
+
+    for event_type in PUBLIC_EVENTS:
+        events.subscribe(event_type, enqueue(FAN_OUT_JOB))
+    for event_type in TRIGGERS:
+        events.subscribe(event_type, enqueue(SEND_JOB))
 
 
 def build_container(settings: Settings, *, clock: Clock | None = None) -> Container:
@@ -113,10 +167,50 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
 
     events = EventDispatcher()
     relay = SqlOutboxRelay(sessions, events, clock)
-
     subscribe_cache_invalidation(events, cache)
 
+    registry = JobRegistry()
+    jobs: JobQueue
+    sync_redis: redis_sync.Redis | None = None
+    if settings.redis_url is not None:
+        sync_redis = redis_sync.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=settings.health_timeout, socket_timeout=settings.redis_timeout
+        )
+        jobs = RqJobQueue(sync_redis, registry)
+    else:
+        jobs = InProcessJobQueue(registry, clock, concurrency=settings.jobs_concurrency)
+    subscribe_jobs(events, jobs)
+
     accounts = AccountsService(lambda: SqlAccountsUnitOfWork(sessions, relay), clock, cache)
+    sender = HttpxWebhookSender(allow_private=settings.webhooks_allow_private)
+    webhooks = WebhooksService(
+        lambda: SqlWebhooksUnitOfWork(sessions, relay),
+        jobs,
+        clock,
+        sender,
+        PUBLIC_EVENTS,
+        allow_private=settings.webhooks_allow_private,
+        retry_schedule=settings.webhooks_retry_schedule,
+    )
+    mailer: Mailer = (
+        SmtpMailer(settings.smtp_url, settings.mail_from)
+        if settings.smtp_url
+        else FileMailer(settings.data_dir / "mail", settings.mail_from)
+    )
+    notifications = NotificationsService(
+        lambda: SqlNotificationsUnitOfWork(sessions, relay),
+        mailer,
+        JinjaTemplateRenderer(),
+        AccountsDirectory(accounts),
+        clock,
+    )
+
+    outbox_specs, outbox_periodic = outbox_jobs(relay)
+    registry.register(*outbox_specs, *webhooks_jobs.job_specs(webhooks), *notifications_jobs.job_specs(notifications))
+    periodic = [*outbox_periodic, *webhooks_jobs.PERIODIC]
+    if isinstance(jobs, InProcessJobQueue):
+        jobs.set_periodic(periodic)
+
     return Container(
         settings=settings,
         engine=engine,
@@ -124,12 +218,18 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         clock=clock,
         events=events,
         relay=relay,
-        sweeper=OutboxSweeper(relay),
+        job_registry=registry,
+        jobs=jobs,
+        periodic=periodic,
         cache=cache,
         limiter=limiter,
         rate_limit_stats=RateLimitStats(),
         idempotency=idempotency,
         accounts=accounts,
+        webhooks=webhooks,
+        notifications=notifications,
         health=HealthProbe(checks, settings.health_timeout),
+        webhook_sender=sender,
         redis=redis,
+        redis_sync=sync_redis,
     )

@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
+from keel.contexts.webhooks.domain.model import RETRY_SCHEDULE
+
 N = TypeVar("N", int, float)
 
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
@@ -33,6 +35,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: LogLevel = "INFO"
     log_json: bool | None = None  # None: JSON when stderr is not a TTY
     webhooks_allow_private: bool = False
+    # Delays (seconds) before each webhook retry; the default is the Standard Webhooks example schedule.
+    webhooks_retry_schedule: tuple[float, ...] = tuple(RETRY_SCHEDULE)
     # Applied on `keel serve`; on by default only for the embedded SQLite database, because with
     # Postgres several processes start at once and migrations belong to a one-shot `keel migrate`.
     migrate_on_start: bool | None = None
@@ -45,6 +49,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cache_enabled: bool = True
     rate_limit_per_minute: int = 600
     signup_rate_limit_per_hour: int = 20
+    jobs_concurrency: int = 4  # in-process job runners (embedded default only)
+    smtp_url: str | None = None  # unset: emails are written as .eml files under the data directory
+    mail_from: str = "Keel <no-reply@keel.localhost>"
     otel_endpoint: str | None = None
     service_name: str = "keel"
 
@@ -94,6 +101,13 @@ def _int(name: str, raw: str, lo: int, hi: int) -> int:
 
 def _float(name: str, raw: str, lo: float, hi: float) -> float:
     return _number(name, raw, float, lo, hi)
+
+
+def _schedule(name: str, raw: str) -> tuple[float, ...]:
+    parts = [p.strip() for p in raw.split(",")]
+    if not 1 <= len(parts) <= 20:
+        raise SettingsError(f"{name}: expected 1 to 20 comma-separated delays in seconds, got {raw!r}")
+    return tuple(_float(name, p, 0.01, 7 * 24 * 3600) for p in parts)
 
 
 _DB_SCHEMES = ("sqlite+aiosqlite://", "postgresql+asyncpg://")
@@ -148,6 +162,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kwargs["log_json"] = _bool("KEEL_LOG_JSON", v)
     if (v := get("KEEL_WEBHOOKS_ALLOW_PRIVATE")) is not None:
         kwargs["webhooks_allow_private"] = _bool("KEEL_WEBHOOKS_ALLOW_PRIVATE", v)
+    if (v := get("KEEL_WEBHOOKS_RETRY_SCHEDULE")) is not None:
+        kwargs["webhooks_retry_schedule"] = _schedule("KEEL_WEBHOOKS_RETRY_SCHEDULE", v)
     if (v := get("KEEL_MIGRATE_ON_START")) is not None:
         kwargs["migrate_on_start"] = _bool("KEEL_MIGRATE_ON_START", v)
     if (v := get("KEEL_MAX_BODY_BYTES")) is not None:
@@ -168,6 +184,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kwargs["rate_limit_per_minute"] = _int("KEEL_RATE_LIMIT_PER_MINUTE", v, 1, 1_000_000)
     if (v := get("KEEL_SIGNUP_RATE_LIMIT_PER_HOUR")) is not None:
         kwargs["signup_rate_limit_per_hour"] = _int("KEEL_SIGNUP_RATE_LIMIT_PER_HOUR", v, 1, 1_000_000)
+    if (v := get("KEEL_JOBS_CONCURRENCY")) is not None:
+        kwargs["jobs_concurrency"] = _int("KEEL_JOBS_CONCURRENCY", v, 1, 256)
+    if (v := get("KEEL_SMTP_URL")) is not None:
+        if not v.startswith(("smtp://", "smtps://")):
+            raise SettingsError("KEEL_SMTP_URL: must start with smtp:// or smtps://")
+        kwargs["smtp_url"] = v
+    if (v := get("KEEL_MAIL_FROM")) is not None:
+        kwargs["mail_from"] = v
     kwargs["otel_endpoint"] = get("OTEL_EXPORTER_OTLP_ENDPOINT") or get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if (v := get("OTEL_SERVICE_NAME")) is not None:
         kwargs["service_name"] = v

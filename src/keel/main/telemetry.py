@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -24,8 +25,12 @@ def build_tracer_provider(settings: Settings) -> TracerProvider | None:
 
 
 def instrument(provider: TracerProvider, engine: AsyncEngine) -> None:
-    """One span per SQL statement (whatever the driver) and per Redis command."""
+    """One span per SQL statement (whatever the driver), per Redis command and per outgoing HTTP call
+    (which also carries ``traceparent`` to webhook receivers)."""
     SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine, tracer_provider=provider, enable_commenter=False)
     redis = RedisInstrumentor()
     if not redis.is_instrumented_by_opentelemetry:
         redis.instrument(tracer_provider=provider)
+    httpx = HTTPXClientInstrumentor()
+    if not httpx.is_instrumented_by_opentelemetry:
+        httpx.instrument(tracer_provider=provider)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
+from keel.contexts.accounts.domain.services import AccountsService
 from keel.platform.domain.tenancy import Principal
 
 
@@ -13,3 +17,51 @@ class Authenticator(Protocol):
     async def authenticate(self, token: str) -> Principal | None:
         """None for unknown or revoked keys."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSummary:
+    id: uuid.UUID
+    name: str
+    locale: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserSummary:
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    email: str
+    name: str
+
+
+class Directory(Protocol):
+    """Read-only lookups for work done on a tenant's behalf outside a request (jobs)."""
+
+    async def find_tenant(self, tenant_id: uuid.UUID) -> TenantSummary | None: ...
+
+    async def find_user(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> UserSummary | None: ...
+
+
+class AccountsDirectory:
+    def __init__(self, service: AccountsService) -> None:
+        self._service = service
+
+    async def find_tenant(self, tenant_id: uuid.UUID) -> TenantSummary | None:
+        t = await self._service.find_tenant(tenant_id)
+        return TenantSummary(id=t.id, name=t.name, locale=t.config.locale) if t else None
+
+    async def find_user(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> UserSummary | None:
+        u = await self._service.find_user(tenant_id, user_id)
+        return UserSummary(id=u.id, tenant_id=u.tenant_id, email=u.email, name=u.name) if u else None
+
+
+# Events other contexts may react to, with the fields of their data that may leave Keel (webhooks).
+# Anything else in an event's data (a key's hash, say) is internal.
+PUBLIC_EVENTS: Mapping[str, Sequence[str]] = {
+    "tenant.updated": ("changed",),
+    "user.created": ("user_id", "email", "name"),
+    "user.updated": ("user_id", "changed"),
+    "user.deleted": ("user_id",),
+    "api_key.created": ("api_key_id", "name"),
+    "api_key.revoked": ("api_key_id",),
+}

@@ -45,3 +45,24 @@ class EventDispatcher:
         """
         for handler in self.handlers_for(event.type):
             await handler(event)
+
+
+def event_to_args(event: Event) -> dict[str, Any]:
+    """The JSON-safe form of an event, for job arguments."""
+    return {
+        "id": str(event.id),
+        "type": event.type,
+        "tenant_id": str(event.tenant_id),
+        "occurred_at": event.occurred_at.isoformat(),
+        "data": dict(event.data),
+    }
+
+
+def event_from_args(args: Mapping[str, Any]) -> Event:
+    return Event(
+        id=uuid.UUID(args["id"]),
+        type=args["type"],
+        tenant_id=uuid.UUID(args["tenant_id"]),
+        occurred_at=datetime.fromisoformat(args["occurred_at"]),
+        data=dict(args["data"]),
+    )

@@ -122,14 +122,19 @@ class AccountsService:
     # -- tenant --------------------------------------------------------------------------------
 
     async def get_tenant(self, who: Principal) -> Tenant:
-        async def load() -> Tenant | None:
-            async with self._uow() as uow:
-                return await uow.tenants.get(who.tenant_id)
-
-        tenant = await self._cache.get_or_load(caching.tenant_key(who.tenant_id), Tenant, load, caching.TENANT_TTL)
+        tenant = await self.find_tenant(who.tenant_id)
         if tenant is None:
             raise TenantNotFound
         return tenant
+
+    async def find_tenant(self, tenant_id: uuid.UUID) -> Tenant | None:
+        """For the platform and other contexts (jobs), which act for a tenant without a principal."""
+
+        async def load() -> Tenant | None:
+            async with self._uow() as uow:
+                return await uow.tenants.get(tenant_id)
+
+        return await self._cache.get_or_load(caching.tenant_key(tenant_id), Tenant, load, caching.TENANT_TTL)
 
     async def rate_limit(self, who: Principal) -> int | None:
         """The tenant's own per-key quota (requests per minute), or None for the platform default."""
@@ -219,14 +224,17 @@ class AccountsService:
             return await uow.users.list(who.tenant_id, page)
 
     async def get_user(self, who: Principal, user_id: uuid.UUID) -> User:
-        async def load() -> User | None:
-            async with self._uow() as uow:
-                return await uow.users.get(who.tenant_id, user_id)
-
-        user = await self._cache.get_or_load(caching.user_key(who.tenant_id, user_id), User, load, caching.USER_TTL)
+        user = await self.find_user(who.tenant_id, user_id)
         if user is None:
             raise UserNotFound
         return user
+
+    async def find_user(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> User | None:
+        async def load() -> User | None:
+            async with self._uow() as uow:
+                return await uow.users.get(tenant_id, user_id)
+
+        return await self._cache.get_or_load(caching.user_key(tenant_id, user_id), User, load, caching.USER_TTL)
 
     async def change_user(self, who: Principal, user_id: uuid.UUID, change: ChangeUser) -> User:
         async with self._uow() as uow:

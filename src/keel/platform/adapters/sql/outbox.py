@@ -3,8 +3,6 @@ relayed to subscribers at least once (right after commit, and by a sweep for any
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -19,7 +17,9 @@ from sqlalchemy.orm import Mapped, mapped_column
 from keel.platform.adapters.sql.base import Base
 from keel.platform.context import request_id_var
 from keel.platform.domain.events import Event, EventDispatcher
+from keel.platform.domain.jobs import HIGH, NO_RETRY
 from keel.platform.ports.clock import Clock
+from keel.platform.ports.jobs import JobArgs, JobContext, JobSpec, PeriodicJob
 
 # After this many failed sweeps an event is parked: it stays in the table, unpublished, with its
 # last error, for an operator to inspect and replay (UPDATE outbox SET attempts = 0 …).
@@ -139,30 +139,17 @@ class SqlOutboxRelay:
             return int((await session.execute(stmt)).scalar_one())
 
 
-class OutboxSweeper:
-    """Runs ``sweep`` periodically inside a process (the API, until a dedicated relay takes over)."""
+SWEEP_JOB = "platform.outbox_sweep"
+SWEEP_EVERY = 5  # seconds; events normally publish right after commit, the sweep is the safety net
 
-    def __init__(self, relay: SqlOutboxRelay, interval: float = 2.0) -> None:
-        self._relay = relay
-        self._interval = interval
-        self._task: asyncio.Task[None] | None = None
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                while await self._relay.sweep() > 0:
-                    pass
-            except Exception as exc:  # noqa: BLE001 - a database blip must not kill the loop
-                logger.warning("outbox sweep failed: {!r}", exc)
-            await asyncio.sleep(self._interval)
+def outbox_jobs(relay: SqlOutboxRelay) -> tuple[list[JobSpec], list[PeriodicJob]]:
+    async def sweep(ctx: JobContext, args: JobArgs) -> dict[str, int]:
+        total = 0
+        while (n := await relay.sweep()) > 0:
+            total += n
+        return {"published": total}
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="outbox-sweeper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    # No retries: the next tick is the retry.
+    spec = JobSpec(name=SWEEP_JOB, handler=sweep, queue=HIGH, retry=NO_RETRY, timeout=60)
+    return [spec], [PeriodicJob(name=SWEEP_JOB, every=SWEEP_EVERY)]

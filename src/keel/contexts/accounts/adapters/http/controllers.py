@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import TypeVar
 
-import msgspec
 from litestar import Controller, Response, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
@@ -31,9 +29,9 @@ from keel.contexts.accounts.domain.services import AccountsService
 from keel.platform.adapters.http.auth import BEARER_AUTH
 from keel.platform.adapters.http.paging import CursorParam, LimitParam, encode_cursor, page_request
 from keel.platform.adapters.http.problems import problem_responses
+from keel.platform.adapters.http.schemas import to_command
 from keel.platform.domain.tenancy import Principal
 
-T = TypeVar("T")
 Accounts = NamedDependency[AccountsService]
 Caller = NamedDependency[Principal]
 
@@ -45,12 +43,6 @@ def _issued(i: IssuedApiKey) -> IssuedApiKeyOut:
     return IssuedApiKeyOut(
         id=k.id, name=k.name, prefix=k.display_prefix, created_at=k.created_at, revoked_at=k.revoked_at, token=i.token
     )
-
-
-def _convert(data: msgspec.Struct, into: type[T]) -> T:
-    """Edge DTO -> domain command; UNSET fields are left out so the command's defaults apply."""
-    fields = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not msgspec.UNSET}
-    return msgspec.convert(fields, into)
 
 
 class SignupController(Controller):
@@ -67,7 +59,7 @@ class SignupController(Controller):
         responses=problem_responses(400, 409, 413, 415, 422, 429),
     )
     async def signup(self, data: JSONBody[SignupIn], accounts: Accounts) -> SignupOut:
-        result = await accounts.signup(_convert(data, Signup))
+        result = await accounts.signup(to_command(data, Signup))
         return SignupOut(
             tenant=TenantOut.of(result.tenant), user=UserOut.of(result.owner), api_key=_issued(result.api_key)
         )
@@ -84,7 +76,7 @@ class TenantController(Controller):
 
     @patch("/config", summary="Change tenant configuration", responses=problem_responses(*_AUTH, 413))
     async def patch_config(self, data: JSONBody[TenantConfigPatch], accounts: Accounts, principal: Caller) -> TenantOut:
-        return TenantOut.of(await accounts.change_tenant_config(principal, _convert(data, ChangeTenantConfig)))
+        return TenantOut.of(await accounts.change_tenant_config(principal, to_command(data, ChangeTenantConfig)))
 
 
 class ApiKeyController(Controller):
@@ -133,7 +125,7 @@ class UserController(Controller):
 
     @post("/", status_code=HTTP_201_CREATED, summary="Create a user", responses=problem_responses(*_AUTH, 409, 413))
     async def create_user(self, data: JSONBody[UserIn], accounts: Accounts, principal: Caller) -> Response[UserOut]:
-        user = await accounts.create_user(principal, _convert(data, CreateUser))
+        user = await accounts.create_user(principal, to_command(data, CreateUser))
         return Response(UserOut.of(user), status_code=HTTP_201_CREATED, headers={"Location": f"/v1/users/{user.id}"})
 
     @get("/{user_id:uuid}", summary="Read a user profile", responses=problem_responses(*_AUTH, 404))
@@ -144,7 +136,7 @@ class UserController(Controller):
     async def patch_user(
         self, user_id: FromPath[uuid.UUID], data: JSONBody[UserPatch], accounts: Accounts, principal: Caller
     ) -> UserOut:
-        return UserOut.of(await accounts.change_user(principal, user_id, _convert(data, ChangeUser)))
+        return UserOut.of(await accounts.change_user(principal, user_id, to_command(data, ChangeUser)))
 
     @delete(
         "/{user_id:uuid}",

@@ -10,11 +10,9 @@ import msgspec
 from msgspec import Meta
 
 from keel.contexts.accounts.domain.model import ApiKey, Role, Tenant, TenantConfig, User
+from keel.platform.adapters.http.schemas import TEXT_PATTERN, StrictInput
 
-# Printable text: no control characters, no invisible formatting characters that can disguise a
-# name (bidi overrides and isolates, zero-width characters, BOM), no surrounding whitespace.
-_BAD = r"\x00-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
-_TEXT = rf"^[^\s{_BAD}](?:[^{_BAD}]*[^\s{_BAD}])?$"
+_TEXT = TEXT_PATTERN
 
 Email = Annotated[
     str,
@@ -48,8 +46,7 @@ Locale = Annotated[
 RateLimit = Annotated[int, Meta(ge=1, le=100_000, description="Requests per minute per API key.")]
 
 
-class _In(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Inputs reject unknown fields: a typo must not be silently ignored."""
+_In = StrictInput
 
 
 class SignupIn(_In, frozen=True, kw_only=True, forbid_unknown_fields=True):

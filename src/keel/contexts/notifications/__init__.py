@@ -1,0 +1,1 @@
+"""Notifications: emails sent from jobs that react to events."""

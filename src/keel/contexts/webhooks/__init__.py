@@ -1,0 +1,1 @@
+"""Outbound webhooks: endpoints tenants register, and signed, retried deliveries of their events."""

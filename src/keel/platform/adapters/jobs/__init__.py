@@ -1,0 +1,1 @@
+"""Job queue adapters: RQ for production, an in-process runner for the embedded default."""
