@@ -43,3 +43,7 @@ worker *ARGS: _sync
 # Enqueue periodic jobs on schedule (needs KEEL_REDIS_URL; run one per deployment)
 cron *ARGS: _sync
     uv run --no-sync keel cron {{ARGS}}
+
+# Benchmarks (figures, never pass/fail): job platform throughput and latency
+bench *ARGS: _sync
+    uv run --no-sync python -m tests.benchmarks.jobs {{ARGS}}

@@ -12,7 +12,7 @@ from loguru import logger
 from redis import Redis
 from rq.serializers import JSONSerializer
 
-from keel.main.container import Container, build_container
+from keel.main.container import build_container
 from keel.main.logging import configure_logging
 from keel.main.settings import Settings
 from keel.main.telemetry import build_tracer_provider, instrument
@@ -29,15 +29,15 @@ from keel.platform.domain.jobs import QUEUES
 
 
 def make_runtime(settings: Settings) -> WorkerRuntime:
-    """The per-process async world in which jobs run, built on first use (in each forked horse)."""
+    """The async world in which jobs run. The object graph is built once, here, before any fork and
+    before anything connects (engines and clients connect lazily), so a forking worker's horses
+    inherit it ready-made and only open their own connections."""
     provider = build_tracer_provider(settings)
-    containers: list[Container] = []
+    container = build_container(settings)
+    if provider is not None:
+        instrument(provider, container.engine)
 
     async def setup() -> JobRegistry:
-        container = build_container(settings)
-        if provider is not None:
-            instrument(provider, container.engine)
-        containers.append(container)
         return container.job_registry
 
     return WorkerRuntime(setup, tracer_provider=provider)
