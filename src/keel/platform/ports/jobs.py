@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from keel.platform.domain.jobs import DEFAULT, JobInfo, RetryPolicy
 
@@ -40,6 +40,7 @@ class JobSpec:
     timeout: int = 300  # seconds before the worker kills the run (it then counts as a failure)
 
 
+@runtime_checkable  # Litestar checks injected dependencies with isinstance
 class JobQueue(Protocol):
     """Puts work on a queue and reports on it. Adapters: RQ (production) and in-process (embedded)."""
 

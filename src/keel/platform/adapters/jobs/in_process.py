@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -106,8 +107,8 @@ class InProcessJobQueue:
             id=job_id or str(new_id()),
             name=name,
             queue=spec.queue,
-            # A round trip through JSON semantics is what RQ imposes; keep the same contract here.
-            args=dict(args),
+            # The same contract as RQ's JSON serializer: JSON-safe values only, copied at enqueue.
+            args=json.loads(json.dumps(dict(args))),
             meta=execution.enqueue_meta(name, tenant_id),
             tenant_id=tenant_id,
             delays=spec.retry.delays(),

@@ -21,6 +21,7 @@ from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RqStatus
 from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
 
 from keel.platform.adapters.jobs import execution
 from keel.platform.adapters.jobs.execution import JobRegistry
@@ -173,7 +174,7 @@ class WorkerRuntime:
 
     def _ensure(self) -> tuple[asyncio.AbstractEventLoop, JobRegistry]:
         with self._lock:
-            if self._pid != os.getpid() or self._loop is None or self._registry is None:
+            if self._pid != os.getpid() or self._loop is None or not self._loop.is_running() or self._registry is None:
                 loop = asyncio.new_event_loop()
                 threading.Thread(target=loop.run_forever, name="keel-jobs-loop", daemon=True).start()
                 self._loop, self._pid = loop, os.getpid()
@@ -238,7 +239,8 @@ def perform(name: str, args: dict[str, Any]) -> Any:
             execution.run(spec, args, ctx, job.meta, system="rq", tracer_provider=_runtime.tracer_provider)
         )
     except BaseException as exc:
-        err = execution.error_of(exc)
+        # RQ's own timeout is not a TimeoutError; report it like the in-process runner does.
+        err = execution.error_of(TimeoutError() if isinstance(exc, JobTimeoutException) else exc)
         job.meta["error"] = {"code": err.code, "detail": err.detail}
         if not execution.is_retryable(exc):
             job.retries_left = 0  # RQ decides on the same job object right after this raises
