@@ -6,6 +6,9 @@ fields, wrong field types, empty / over-long / control-character / unicode-edge 
 strings, huge numbers, bad paging parameters, bad path ids, oversized bodies, wrong Content-Type,
 bad Authorization and junk X-Request-ID headers, wrong methods and unknown sub-paths.
 
+Webhook endpoints take a URL (https, no credentials, no private targets), a list of event types, a
+description and a flag; their deliveries and the jobs that retry them are addressed by id.
+
 Every response must be below 500; every 4xx must be RFC 9457 problem+json whose ``status`` is the
 HTTP status and which carries the request id; cases with a clear answer (400, 401, 404, 405, 413,
 415, 422) must get exactly that. Finally, the tenant's data (and the row counts of every table)
@@ -33,6 +36,8 @@ import pytest
 from litestar import Litestar
 from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
+
+from tests.support.waiting import eventually
 
 Client = AsyncTestClient[Litestar]
 
@@ -216,6 +221,9 @@ class Ctx:
     revoked_token: str
     missing: str
     routes: dict[str, set[str]]
+    victim_endpoint: str
+    victim_delivery: str
+    job: str  # a job of the tenant (the manual retry of the victim delivery)
     counter: Iterable[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -226,14 +234,52 @@ class Ctx:
         return next(iter(self.counter))
 
 
+# Not an address literal, so the URL is accepted; it resolves to 127.0.0.1, so every delivery to it is
+# refused at connection time: the victim's deliveries fail at once and for good, without any traffic.
+REFUSED_URL = "https://127.1:9/victim"
+# The events make_ctx causes after creating the victim endpoint: one delivery each.
+VICTIM_EVENTS = ["user.created", "api_key.created", "api_key.revoked"]
+
+
+async def _settle_deliveries(client: Client, headers: dict[str, str], endpoint_id: str, attempts: int) -> str:
+    """Wait until the victim endpoint's 4 deliveries have failed with ``attempts`` attempts in all; returns
+    the id of the user.created one."""
+    path = f"/v1/webhook-endpoints/{endpoint_id}/deliveries"
+
+    async def probe() -> list[dict[str, Any]] | None:
+        r = await client.get(path, headers=headers)
+        assert r.status_code == 200, r.text
+        items: list[dict[str, Any]] = r.json()["items"]
+        done = len(items) == 4 and all(d["status"] == "failed" for d in items)
+        return items if done and sum(len(d["attempts"]) for d in items) == attempts else None
+
+    items = await eventually(probe)
+    return str(next(d["id"] for d in items if d["event_type"] == "user.created"))
+
+
 async def make_ctx(client: Client, tenant: dict[str, Any]) -> Ctx:
     headers = tenant["headers"]
+    hook = await client.post(
+        "/v1/webhook-endpoints",
+        headers=headers,
+        json={"url": REFUSED_URL, "event_types": VICTIM_EVENTS, "description": "Victim"},
+    )
+    assert hook.status_code == 201, hook.text
+    endpoint_id = hook.json()["id"]
     victim = await client.post("/v1/users", headers=headers, json={"email": "victim@acme.test", "name": "Victim"})
     key = await client.post("/v1/api-keys", headers=headers, json={"name": "victim"})
     revoked = await client.post("/v1/api-keys", headers=headers, json={"name": "revoked"})
     assert victim.status_code == key.status_code == revoked.status_code == 201
     gone = await client.delete(f"/v1/api-keys/{revoked.json()['id']}", headers=headers)
     assert gone.status_code == 204
+    # Every delivery settled, one retried by hand (a job of the tenant), then the endpoint switched off: no
+    # background work is left to change anything while the cases run.
+    delivery = await _settle_deliveries(client, headers, endpoint_id, attempts=4)
+    retry = await client.post(f"/v1/webhook-endpoints/{endpoint_id}/deliveries/{delivery}/retry", headers=headers)
+    assert retry.status_code == 202, retry.text
+    await _settle_deliveries(client, headers, endpoint_id, attempts=5)
+    off = await client.patch(f"/v1/webhook-endpoints/{endpoint_id}", headers=headers, json={"enabled": False})
+    assert off.status_code == 200, off.text
     routes: dict[str, set[str]] = {}
     for method, template in app_endpoints(client.app):
         routes.setdefault(template, set()).add(method)
@@ -248,11 +294,15 @@ async def make_ctx(client: Client, tenant: dict[str, Any]) -> Ctx:
         revoked_token=revoked.json()["token"],
         missing=str(uuid.uuid4()),
         routes=routes,
+        victim_endpoint=endpoint_id,
+        victim_delivery=delivery,
+        job=retry.json()["job_id"],
     )
 
 
 REVOKED = "<revoked>"
-TABLES = ("tenants", "users", "api_keys")
+ROTATED = "<rotated>"
+TABLES = ("tenants", "users", "api_keys", "webhook_endpoints", "webhook_deliveries", "webhook_attempts")
 
 
 @dataclass
@@ -261,6 +311,17 @@ class State:
     users: dict[str, dict[str, Any]]
     keys: dict[str, dict[str, Any]]
     rows: dict[str, int]
+    endpoints: dict[str, dict[str, Any]]
+    deliveries: dict[str, list[dict[str, Any]]]  # endpoint id -> its delivery history
+
+
+def _endpoint_id(path: str) -> str | None:
+    """The webhook endpoint a request path addresses, if any."""
+    m = re.match(r"^/v1/webhook-endpoints/([^/?]+)", path)
+    try:
+        return str(uuid.UUID(m.group(1))) if m else None
+    except ValueError:
+        return None
 
 
 async def _all(client: Client, path: str, headers: dict[str, str]) -> list[dict[str, Any]]:
@@ -284,11 +345,14 @@ async def snapshot(ctx: Ctx, pg_url: str) -> State:
         rows = {t: int(await conn.fetchval(f"SELECT count(*) FROM {t}")) for t in TABLES}
     finally:
         await conn.close()
+    endpoints = {e["id"]: e for e in await _all(ctx.client, "/v1/webhook-endpoints", headers)}
     return State(
         tenant=tenant.json(),
         users={u["id"]: u for u in await _all(ctx.client, "/v1/users", headers)},
         keys={k["id"]: k for k in await _all(ctx.client, "/v1/api-keys", headers)},
         rows=rows,
+        endpoints=endpoints,
+        deliveries={e: await _all(ctx.client, f"/v1/webhook-endpoints/{e}/deliveries", headers) for e in endpoints},
     )
 
 
@@ -315,6 +379,23 @@ class Model:
                 self.state.keys[r.json()["id"]] = {k: v for k, v in r.json().items() if k != "token"}
             case ("DELETE", "/v1/api-keys/{key_id:uuid}") if case.target in self.state.keys:
                 self.state.keys[case.target] = {**self.state.keys[case.target], "revoked_at": REVOKED}
+            case ("POST", "/v1/webhook-endpoints"):
+                self.state.endpoints[r.json()["id"]] = {k: v for k, v in r.json().items() if k != "secret"}
+                self.state.deliveries[r.json()["id"]] = []
+            case ("PATCH", "/v1/webhook-endpoints/{endpoint_id:uuid}"):
+                self.state.endpoints[r.json()["id"]] = r.json()
+            case ("DELETE", "/v1/webhook-endpoints/{endpoint_id:uuid}"):
+                self.state.endpoints.pop(str(_endpoint_id(case.path)), None)
+                self.state.deliveries.pop(str(_endpoint_id(case.path)), None)
+            case ("POST", "/v1/webhook-endpoints/{endpoint_id:uuid}/rotate-secret"):
+                eid = str(_endpoint_id(case.path))
+                if eid in self.state.endpoints:
+                    expires = r.json()["previous_secret_expires_at"]
+                    self.state.endpoints[eid] = {
+                        **self.state.endpoints[eid],
+                        "previous_secret_expires_at": expires,
+                        "updated_at": ROTATED,
+                    }
 
     def differences(self, before: State, after: State) -> list[str]:
         want = self.state
@@ -331,10 +412,30 @@ class Model:
                 w = {**w, "revoked_at": a["revoked_at"]}
             if w != a:
                 out.append(f"api key {kid}: expected {w}, found {a}")
+        for eid in sorted(set(want.endpoints) | set(after.endpoints)):
+            w, a = want.endpoints.get(eid), after.endpoints.get(eid)
+            if w is not None and a is not None and w.get("updated_at") == ROTATED:
+                w = {**w, "updated_at": a["updated_at"]}
+            if w != a:
+                out.append(f"webhook endpoint {eid}: expected {w}, found {a}")
+        for eid in sorted(set(want.deliveries) | set(after.deliveries)):
+            if want.deliveries.get(eid) != after.deliveries.get(eid):
+                out.append(
+                    f"deliveries of {eid}: expected {want.deliveries.get(eid)}, found {after.deliveries.get(eid)}"
+                )
+
+        def history(s: State) -> tuple[int, int]:
+            deliveries = [d for ds in s.deliveries.values() for d in ds]
+            return len(deliveries), sum(len(d["attempts"]) for d in deliveries)
+
+        (want_deliveries, want_attempts), (had_deliveries, had_attempts) = history(want), history(before)
         expected_rows = {
             "tenants": before.rows["tenants"] + self.signups,
             "users": before.rows["users"] + self.signups + len(want.users) - len(before.users),
             "api_keys": before.rows["api_keys"] + self.signups + len(want.keys) - len(before.keys),
+            "webhook_endpoints": before.rows["webhook_endpoints"] + len(want.endpoints) - len(before.endpoints),
+            "webhook_deliveries": before.rows["webhook_deliveries"] + want_deliveries - had_deliveries,
+            "webhook_attempts": before.rows["webhook_attempts"] + want_attempts - had_attempts,
         }
         if after.rows != expected_rows:
             out.append(f"row counts: expected {expected_rows}, found {after.rows}")
@@ -349,9 +450,10 @@ class Model:
 @dataclass(frozen=True)
 class Field:
     name: str
-    kind: str  # text | email | timezone | locale | rate
+    kind: str  # text | email | timezone | locale | rate | url | event-types | bool
     max_len: int = 0
     required: bool = True
+    empty_ok: bool = False  # "" is a valid value (an optional text cleared)
 
 
 @dataclass(frozen=True)
@@ -368,7 +470,7 @@ class Endpoint:
     auth: bool = True
     body: Body | None = None
     paged: bool = False
-    ids: str | None = None  # user | key | slug | schema: the kind of path parameter
+    ids: str | None = None  # user | key | endpoint | delivery | job | slug | schema: the kind of path parameter
     # A well-formed request that must not change anything (DELETE: a missing id), for header-level cases.
     safe: Callable[[Ctx], str] | None = None
     safe_ok: frozenset[int] | None = None
@@ -417,6 +519,28 @@ USER_PATCH = Body(
     echo=dict,
 )
 
+WEBHOOK_IN = Body(
+    fields=(
+        Field("url", "url", 2048),
+        Field("event_types", "event-types", 100),
+        Field("description", "text", 500, required=False, empty_ok=True),
+        Field("enabled", "bool", required=False),
+    ),
+    valid=lambda c: {"url": f"https://example.com/hooks/{c.n()}", "event_types": ["user.created"]},
+    echo=dict,
+)
+WEBHOOK_PATCH = Body(
+    fields=(
+        Field("url", "url", 2048, required=False),
+        Field("event_types", "event-types", 100, required=False),
+        Field("description", "text", 500, required=False, empty_ok=True),
+        Field("enabled", "bool", required=False),
+    ),
+    valid=lambda c: {"description": f"Victim {c.n()}"},
+    echo=dict,
+)
+HOOKS = "/v1/webhook-endpoints"
+
 ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("POST", "/v1/signup"): Endpoint(_ok(201), lambda c: "/v1/signup", auth=False, body=SIGNUP),
     ("GET", "/v1/tenant"): Endpoint(_ok(200), lambda c: "/v1/tenant"),
@@ -443,6 +567,41 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
         safe=lambda c: f"/v1/users/{c.missing}",
         safe_ok=_ok(404),
     ),
+    ("GET", HOOKS): Endpoint(_ok(200), lambda c: HOOKS, paged=True),
+    ("POST", HOOKS): Endpoint(_ok(201), lambda c: HOOKS, body=WEBHOOK_IN),
+    ("GET", HOOKS + "/{endpoint_id:uuid}"): Endpoint(
+        _ok(200), lambda c: f"{HOOKS}/{c.victim_endpoint}", ids="endpoint"
+    ),
+    ("PATCH", HOOKS + "/{endpoint_id:uuid}"): Endpoint(
+        _ok(200), lambda c: f"{HOOKS}/{c.victim_endpoint}", body=WEBHOOK_PATCH, ids="endpoint"
+    ),
+    ("DELETE", HOOKS + "/{endpoint_id:uuid}"): Endpoint(
+        _ok(204),
+        lambda c: f"{HOOKS}/{c.victim_endpoint}",
+        ids="endpoint",
+        safe=lambda c: f"{HOOKS}/{c.missing}",
+        safe_ok=_ok(404),
+    ),
+    # Rotating is harmless to repeat: the well-formed requests really rotate, and the model follows.
+    ("POST", HOOKS + "/{endpoint_id:uuid}/rotate-secret"): Endpoint(
+        _ok(200), lambda c: f"{HOOKS}/{c.victim_endpoint}/rotate-secret", ids="endpoint"
+    ),
+    ("GET", HOOKS + "/{endpoint_id:uuid}/deliveries"): Endpoint(
+        _ok(200), lambda c: f"{HOOKS}/{c.victim_endpoint}/deliveries", paged=True, ids="endpoint"
+    ),
+    ("GET", HOOKS + "/{endpoint_id:uuid}/deliveries/{delivery_id:uuid}"): Endpoint(
+        _ok(200), lambda c: f"{HOOKS}/{c.victim_endpoint}/deliveries/{c.victim_delivery}", ids="delivery"
+    ),
+    # A retry starts background work (a new attempt): header-level cases go to a missing delivery.
+    ("POST", HOOKS + "/{endpoint_id:uuid}/deliveries/{delivery_id:uuid}/retry"): Endpoint(
+        _ok(202),
+        lambda c: f"{HOOKS}/{c.victim_endpoint}/deliveries/{c.victim_delivery}/retry",
+        ids="delivery",
+        safe=lambda c: f"{HOOKS}/{c.victim_endpoint}/deliveries/{c.missing}/retry",
+        safe_ok=_ok(404),
+    ),
+    ("GET", "/v1/webhook-event-types"): Endpoint(_ok(200), lambda c: "/v1/webhook-event-types"),
+    ("GET", "/v1/jobs/{job_id:uuid}"): Endpoint(_ok(200), lambda c: f"/v1/jobs/{c.job}", ids="job"),
     ("GET", "/healthz"): Endpoint(_ok(200), lambda c: "/healthz", auth=False),
     ("GET", "/livez"): Endpoint(_ok(200), lambda c: "/livez", auth=False),
     ("GET", "/problems/{slug:str}"): Endpoint(_ok(200), lambda c: "/problems/validation-error", auth=False, ids="slug"),
@@ -664,6 +823,86 @@ BAD_LOCALES: list[tuple[str, str]] = [
 ]
 GOOD_LOCALES: list[tuple[str, str]] = [("region", "en-GB"), ("script-region", "zh-Hant-TW"), ("upper", "EN")]
 
+BAD_URLS: list[tuple[str, str]] = [
+    ("plain-http", "http://example.com/hooks"),
+    ("uppercase-scheme", "HTTPS://example.com/hooks"),
+    ("ftp", "ftp://example.com/hooks"),
+    ("javascript", "javascript:alert(1)"),
+    ("data", "data:text/plain,hello"),
+    ("file", "file:///etc/passwd"),
+    ("relative", "/hooks/keel"),
+    ("scheme-relative", "//example.com/hooks"),
+    ("no-host", "https:///hooks"),
+    ("credentials", "https://user:pass@example.com/hooks"),
+    ("username-only", "https://user@example.com/hooks"),
+    ("port-out-of-range", "https://example.com:99999/hooks"),
+    ("port-not-a-number", "https://example.com:abc/hooks"),
+    ("localhost", "https://localhost/hooks"),
+    ("dot-localhost", "https://api.localhost/hooks"),
+    ("dot-internal", "https://metadata.google.internal/computeMetadata/v1/"),
+    ("loopback", "https://127.0.0.1/hooks"),
+    ("unspecified", "https://0.0.0.0/hooks"),
+    ("private", "https://10.1.2.3/hooks"),
+    ("link-local-metadata", "https://169.254.169.254/latest/meta-data/"),
+    ("ipv6-loopback", "https://[::1]/hooks"),
+    ("ipv6-unique-local", "https://[fd00::1]/hooks"),
+    ("ipv4-mapped", "https://[::ffff:10.0.0.1]/hooks"),
+    ("space-inside", "https://exa mple.com/hooks"),
+    ("crlf-header-injection", "https://example.com/a\r\nX-Injected: 1"),
+    ("2049-chars", "https://example.com/" + "a" * 2029),
+    # Server bug today: 500 (urlsplit's ValueError escapes check_url).
+    ("unclosed-ipv6", "https://[::1/hooks"),
+    ("bad-ipv6", "https://[zz]/hooks"),
+]
+GOOD_URLS: list[tuple[str, str]] = [
+    ("query-and-fragment", "https://example.com/hooks?x=1&y=%20#frag"),
+    ("port", "https://example.com:8443/hooks"),
+    ("idn", "https://b\u00fccher.example/hooks"),
+    ("punycode", "https://xn--bcher-kva.example/hooks"),
+    ("public-ip", "https://93.184.216.34/hooks"),
+    ("max-length", "https://example.com/" + "a" * 2028),
+]
+EVENT_TYPES = ["api_key.created", "api_key.revoked", "tenant.updated", "user.created", "user.deleted", "user.updated"]
+BAD_EVENT_TYPES: list[tuple[str, Any]] = [
+    ("empty-list", []),
+    ("unknown", ["user.exploded"]),
+    ("second-unknown", ["user.created", "nope"]),
+    ("internal-event", ["tenant.created"]),
+    ("wildcard", ["*"]),
+    ("prefix", ["user"]),
+    ("uppercase", ["USER.CREATED"]),
+    ("padded", [" user.created"]),
+    ("empty-string", [""]),
+    ("101-chars", ["x" * 101]),
+    ("sql", ["user.created' OR '1'='1"]),
+    ("null-item", [None]),
+    ("int-item", [1]),
+    ("nested-list", [["user.created"]]),
+    ("object-item", [{"$ne": ""}]),
+    ("51-items", ["user.created"] * 51),
+    ("string", "user.created"),
+    ("object", {"user.created": True}),
+    ("null", None),
+]
+GOOD_EVENT_TYPES: list[tuple[str, list[str], list[str]]] = [
+    ("all", EVENT_TYPES, EVENT_TYPES),
+    ("duplicates", ["user.created", "user.created"], ["user.created"]),
+    ("unsorted", ["user.deleted", "api_key.created"], ["api_key.created", "user.deleted"]),
+    ("50-items", ["user.created"] * 50, ["user.created"]),
+]
+BOOL_REJECTED: list[tuple[str, Any]] = [
+    ("null", None),
+    ("word", "yes"),
+    ("empty-string", ""),
+    ("two", 2),
+    ("fraction", 0.5),
+    ("array", []),
+    ("object", {}),
+]
+# Accepted by Litestar's lax decoding today; either answer is fine, but never a 5xx.
+BOOL_LAX: list[tuple[str, Any]] = [("string-true", "true"), ("string-zero", "0"), ("one", 1), ("zero", 0)]
+BOOL_VALID: list[tuple[str, bool]] = [("true", True), ("false", False)]
+
 BAD_IDS: list[tuple[str, str]] = [
     ("word", "not-a-uuid"),
     ("zero", "0"),
@@ -810,7 +1049,7 @@ def body_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
     method, _ = key
     spec = ep.body
     path = ep.target(c)
-    target = c.victim_user if ep.ids == "user" else None
+    target = c.victim_user if ep.ids == "user" else c.victim_endpoint if ep.ids == "endpoint" else None
     accepted = ep.ok
     cases: list[Case] = []
 
@@ -875,13 +1114,32 @@ def body_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
             for name, raw in RAW_NUMBERS:
                 add(group, name, _splice(spec.valid(c), f.name, raw), {400, 422})
             continue
+        if f.kind == "event-types":
+            for name, value in BAD_EVENT_TYPES:
+                add(group, name, _dumps(put(value)), {422})
+            for name, value, stored in GOOD_EVENT_TYPES:
+                add(group, name, _dumps(put(value)), accepted, sent={f.name: stored})
+            for name, raw in RAW_NUMBERS:
+                add(group, name, _splice(spec.valid(c), f.name, raw), {400, 422})
+            continue
+        if f.kind == "bool":
+            for name, value in BOOL_REJECTED:
+                add(group, name, _dumps(put(value)), {422})
+            for name, value in BOOL_LAX:
+                add(group, name, _dumps(put(value)), accepted | {422})
+            for name, value in BOOL_VALID:
+                add(group, name, _dumps(put(value)), accepted, sent={f.name: value})
+            continue
 
         for name, value in WRONG_TYPES_FOR_STRING:
             add(group, f"type-{name}", _dumps(put(value)), {422})
         for name, raw in RAW_NUMBERS if f.name == first else ():
             add(group, name, _splice(spec.valid(c), f.name, raw), {400, 422})
         for name, value in BAD_STRINGS:
-            add(group, name, _dumps(put(value)), {422})
+            if name == "empty" and f.empty_ok:
+                add(group, name, _dumps(put(value)), accepted, sent={f.name: value})
+            else:
+                add(group, name, _dumps(put(value)), {422})
         add(group, "one-over-max-length", _dumps(put("x" * (f.max_len + 1))), {422})
 
         if f.kind == "text":
@@ -897,6 +1155,14 @@ def body_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
                 accepted,
                 sent={f.name: "\U0001f980 ok"},
             )
+        elif f.kind == "url":
+            for name, value in BAD_URLS:
+                add(group, name, _dumps(put(value)), {422})
+            for name, value in GOOD_URLS:
+                add(group, name, _dumps(put(value)), accepted, sent={f.name: value})
+            for name, value in edge:
+                url = f"https://example.com/{value}"
+                add(group, name, _dumps(put(url)), accepted | {422}, sent={f.name: url})
         elif f.kind == "email":
             for name, value in BAD_EMAILS:
                 add(group, name, _dumps(put(value)), {422})
@@ -995,6 +1261,9 @@ def path_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
     def add(name: str, segment: str, expect: Iterable[int], target: str | None = None) -> None:
         cases.append(Case("path", name, method, prefix + segment, frozenset(expect), headers, body, target=target))
 
+    def add_at(name: str, path: str, expect: Iterable[int], target: str | None = None) -> None:
+        cases.append(Case("path", name, method, path, frozenset(expect), headers, body, target=target))
+
     if ep.ids in ("user", "key"):
         for name, segment in BAD_IDS:
             add(name, segment, {404})
@@ -1009,6 +1278,28 @@ def path_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
                 add("owner", c.owner_id, {409}, c.owner_id)
         else:
             add("user-id-as-key-id", c.victim_user, {404}, c.victim_user)
+    elif ep.ids in ("endpoint", "delivery", "job"):
+        # Each id of the route in turn, the others left valid: wherever a bad or foreign id sits, 404.
+        ids = {"endpoint_id": c.victim_endpoint, "delivery_id": c.victim_delivery, "job_id": c.job}
+        nil = "00000000-0000-0000-0000-000000000000"
+        for param in re.findall(r"\{(\w+):uuid\}", template):
+
+            def at(segment: str, param: str = param) -> str:
+                values = {**ids, param: segment}
+                return re.sub(r"\{(\w+):uuid\}", lambda m: values[m.group(1)], template)
+
+            for name, segment in BAD_IDS:
+                add_at(f"{param}-{name}", at(segment), {404})
+            add_at(f"{param}-random-uuid", at(c.missing), {404}, c.missing)
+            add_at(f"{param}-nil-uuid", at(nil), {404}, nil)
+            add_at(f"{param}-uppercase-missing", at(c.missing.upper()), {404}, c.missing)
+            add_at(f"{param}-hex-missing", at(uuid.UUID(c.missing).hex), {404}, c.missing)
+            add_at(f"{param}-tenant-id", at(c.tenant_id), {404}, c.tenant_id)
+            add_at(f"{param}-user-id", at(c.victim_user), {404}, c.victim_user)
+            add_at(f"{param}-key-id", at(c.victim_key), {404}, c.victim_key)
+            for other, value in ids.items():
+                if other != param:
+                    add_at(f"{param}-given-{other}", at(value), {404}, value)
     elif ep.ids == "slug":
         for name, segment in BAD_SLUGS:
             add(name, segment, {404})
@@ -1132,7 +1423,16 @@ def _group(key: tuple[str, str]) -> str:
 async def test_bad_input(group: str, client: Client, tenant: dict[str, Any], pg_url: str) -> None:
     ctx = await make_ctx(client, tenant)
     before = await snapshot(ctx, pg_url)
-    model = Model(State(dict(before.tenant), dict(before.users), dict(before.keys), dict(before.rows)))
+    model = Model(
+        State(
+            dict(before.tenant),
+            dict(before.users),
+            dict(before.keys),
+            dict(before.rows),
+            dict(before.endpoints),
+            dict(before.deliveries),
+        )
+    )
 
     failures: list[str] = []
     total = 0

@@ -5,7 +5,6 @@ exactly once even with several processes sweeping at the same time (Postgres).""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -18,17 +17,18 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from keel.contexts.accounts.adapters.sql.repositories import SqlAccountsUnitOfWork
 from keel.contexts.accounts.domain.model import Tenant, TenantConfig
-from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.adapters.jobs.execution import JobRegistry
 from keel.platform.adapters.jobs.in_process import InProcessJobQueue
+from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.adapters.sql.outbox import MAX_ATTEMPTS, SWEEP_JOB, OutboxRow, SqlOutboxRelay, outbox_jobs
-from keel.platform.domain.jobs import JobStatus
-from keel.platform.ports.jobs import PeriodicJob
 from keel.platform.context import request_id_var
 from keel.platform.domain.events import Event, EventDispatcher
 from keel.platform.domain.ids import new_id
+from keel.platform.domain.jobs import JobStatus
+from keel.platform.ports.jobs import PeriodicJob
 from tests.fakes.clock import ManualClock
 from tests.support.app import client_for, make_settings, signup
+from tests.support.waiting import eventually
 
 GRACE = timedelta(seconds=5)
 
@@ -403,12 +403,6 @@ async def test_sweep_takes_the_oldest_first_in_batches_and_pending_counts(db: Db
     assert [e.data["name"] for e in sub.received] == names
 
 
-async def _wait_for(condition: Any, seconds: float = 5.0) -> None:
-    async with asyncio.timeout(seconds):
-        while not await condition():
-            await asyncio.sleep(0.01)
-
-
 async def test_the_periodic_sweep_job_publishes_leftovers(db: Db, clock: ManualClock) -> None:
     sub = Subscriber()
     relay = relay_with(db, clock, sub)
@@ -424,7 +418,7 @@ async def test_the_periodic_sweep_job_publishes_leftovers(db: Db, clock: ManualC
         async def drained() -> bool:
             return await relay.pending() == 0
 
-        await _wait_for(drained)
+        await eventually(drained, within=5)
     finally:
         await queue.stop()
     assert sorted(e.data["name"] for e in sub.received) == ["A", "B", "C"]
@@ -454,7 +448,7 @@ async def test_a_failing_sweep_is_a_failed_job_and_the_next_run_recovers(clock: 
             job = await queue.get(first)
             return job is not None and job.status.is_final
 
-        await _wait_for(first_done)
+        await eventually(first_done, within=5)
         failed = await queue.get(first)
         assert failed is not None
         assert failed.status is JobStatus.FAILED  # no retry: the next tick is the retry
@@ -466,7 +460,7 @@ async def test_a_failing_sweep_is_a_failed_job_and_the_next_run_recovers(clock: 
             job = await queue.get(second)
             return job is not None and job.status.is_final
 
-        await _wait_for(second_done)
+        await eventually(second_done, within=5)
         ok = await queue.get(second)
         assert ok is not None
         assert ok.status is JobStatus.SUCCEEDED

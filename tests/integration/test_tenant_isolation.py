@@ -1,5 +1,8 @@
 """Tenant isolation over HTTP: tenant B can neither reach nor see anything of tenant A.
 
+A's data includes webhook endpoints (with their secrets), their delivery history and a job; routes taking
+two ids (an endpoint's delivery) are tried with each foreign id while the other is B's own.
+
 Every route that takes an id is tried by B with each of A's ids (in several spellings) and must
 answer exactly like an id that does not exist: 404 problem+json, same type/title/detail. Every
 tenant-scoped read is paged through by B and must not mention any of A's ids, emails, names or key
@@ -22,17 +25,32 @@ from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
 
 from keel.main.auth import PUBLIC_PATHS
+from tests.support.waiting import eventually
 
 Client = AsyncTestClient[Litestar]
 PROBLEM = "application/problem+json"
 
+HOOK = "/v1/webhook-endpoints/{endpoint_id:uuid}"
+DELIVERY = HOOK + "/deliveries/{delivery_id:uuid}"
 # Every route with a path parameter: (method, template) -> the kind of id it takes and the body to send.
 ID_ROUTES: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {
     ("GET", "/v1/users/{user_id:uuid}"): ("user", None),
     ("PATCH", "/v1/users/{user_id:uuid}"): ("user", {"name": "Pwned by B", "email": "pwned@globex.test"}),
     ("DELETE", "/v1/users/{user_id:uuid}"): ("user", None),
     ("DELETE", "/v1/api-keys/{key_id:uuid}"): ("key", None),
+    ("GET", HOOK): ("endpoint", None),
+    ("PATCH", HOOK): ("endpoint", {"description": "Pwned by B", "event_types": ["tenant.updated"]}),
+    ("DELETE", HOOK): ("endpoint", None),
+    ("POST", HOOK + "/rotate-secret"): ("endpoint", None),
+    ("GET", HOOK + "/deliveries"): ("endpoint", None),
+    ("GET", DELIVERY): ("delivery", None),
+    ("POST", DELIVERY + "/retry"): ("delivery", None),
+    ("GET", "/v1/jobs/{job_id:uuid}"): ("job", None),
 }
+# The path parameter that carries each kind of id.
+PARAM = {"user": "user_id", "key": "key_id", "endpoint": "endpoint_id", "delivery": "delivery_id", "job": "job_id"}
+# What the control requests on B's own resources answer, when not 200 (DELETE: 204).
+CONTROL_STATUS = {("POST", DELIVERY + "/retry"): 202}
 # Path-parameter routes that serve no tenant data (documentation); they must be public.
 NOT_TENANT_SCOPED = {("GET", "/problems/{slug:str}"), ("GET", "/openapi/{path:str}")}
 # Every authenticated GET without a path parameter: B reads them all, paging where they page.
@@ -40,7 +58,14 @@ READ_ROUTES: dict[tuple[str, str], bool] = {
     ("GET", "/v1/users"): True,
     ("GET", "/v1/api-keys"): True,
     ("GET", "/v1/tenant"): False,
+    ("GET", "/v1/webhook-endpoints"): True,
+    ("GET", "/v1/webhook-event-types"): False,
 }
+# Each tenant's deliveries are read through one of its endpoints (DELIVERY_LIST of its first one).
+DELIVERY_LIST = "deliveries of the first endpoint"
+# Not an address literal, so the URL is accepted; it resolves to 127.0.0.1, so every delivery is refused at
+# connection time: deliveries fail at once and for good, with no network traffic.
+REFUSED_URL = "https://127.1:9"
 
 # Ways of writing the same UUID that the router accepts.
 SPELLINGS: dict[str, Callable[[str], str]] = {
@@ -57,6 +82,11 @@ def _is_public(route: HTTPRoute, method: str) -> bool:
     return bool(handler.opt.get("exclude_from_auth")) or any(re.search(p, route.path) for p in PUBLIC_PATHS)
 
 
+def fill(template: str, ids: dict[str, str]) -> str:
+    """A route template with its path parameters replaced by ``ids``."""
+    return re.sub(r"\{(\w+):uuid\}", lambda m: ids[m.group(1)], template)
+
+
 def _routes(app: Litestar) -> list[tuple[str, str, HTTPRoute]]:
     return [
         (method, route.path, route)
@@ -71,6 +101,37 @@ class Tenant:
     body: dict[str, Any]
     users: dict[str, dict[str, Any]]  # id -> user
     keys: dict[str, dict[str, Any]]  # id -> key (as issued, with token)
+    endpoints: dict[str, dict[str, Any]]  # id -> webhook endpoint (as created, with secret)
+    deliveries: dict[str, dict[str, Any]]  # id -> delivery, with "endpoint_id" added
+    jobs: list[str]  # ids of the tenant's jobs
+
+    def ids(self, kind: str) -> list[str]:
+        return list(
+            {
+                "user": self.users,
+                "key": self.keys,
+                "endpoint": self.endpoints,
+                "delivery": self.deliveries,
+                "job": self.jobs,
+            }[kind]
+        )
+
+    @property
+    def first_endpoint(self) -> str:
+        return next(iter(self.endpoints))
+
+    def lists(self) -> dict[str, tuple[str, set[str]]]:
+        """Every paged list of the tenant: label -> (path, the ids it must show)."""
+        first = self.first_endpoint
+        return {
+            "/v1/users": ("/v1/users", set(self.users)),
+            "/v1/api-keys": ("/v1/api-keys", set(self.keys)),
+            "/v1/webhook-endpoints": ("/v1/webhook-endpoints", set(self.endpoints)),
+            DELIVERY_LIST: (
+                f"/v1/webhook-endpoints/{first}/deliveries",
+                {i for i, d in self.deliveries.items() if d["endpoint_id"] == first},
+            ),
+        }
 
     @property
     def headers(self) -> dict[str, str]:
@@ -89,6 +150,11 @@ class Tenant:
                 out.add(u["name"])
         for k in self.keys.values():
             out |= {k["id"], k["prefix"], k["token"]} | ({k["name"]} if k["name"] != "default" else set())
+        for e in self.endpoints.values():
+            out |= {e["id"], e["url"], e["description"], e["secret"]}
+        for d in self.deliveries.values():
+            out |= {d["id"], d["event_id"]}
+        out |= set(self.jobs)
         out |= {m.upper() for m in out if re.fullmatch(r"[0-9a-f-]{36}", m)} | {
             uuid.UUID(m).hex for m in out if re.fullmatch(r"[0-9a-f-]{36}", m)
         }
@@ -97,8 +163,23 @@ class Tenant:
 
 async def populate(client: Client, signup: dict[str, Any], tag: str, n_users: int, n_keys: int) -> Tenant:
     t = Tenant(
-        body=signup, users={signup["user"]["id"]: signup["user"]}, keys={signup["api_key"]["id"]: signup["api_key"]}
+        body=signup,
+        users={signup["user"]["id"]: signup["user"]},
+        keys={signup["api_key"]["id"]: signup["api_key"]},
+        endpoints={},
+        deliveries={},
+        jobs=[],
     )
+    # Webhook endpoints first, so that what follows makes deliveries: one per user on the first endpoint,
+    # one for the revoked key on the second.
+    for i, types in enumerate([["user.created"], ["api_key.revoked"]]):
+        r = await client.post(
+            "/v1/webhook-endpoints",
+            headers=t.headers,
+            json={"url": f"{REFUSED_URL}/{tag}-{i}", "event_types": types, "description": f"{tag} endpoint {i}"},
+        )
+        assert r.status_code == 201, r.text
+        t.endpoints[r.json()["id"]] = r.json()
     for i in range(n_users):
         r = await client.post(
             "/v1/users", headers=t.headers, json={"email": f"{tag}-user{i}@{tag}.test", "name": f"{tag} member {i}"}
@@ -114,7 +195,30 @@ async def populate(client: Client, signup: dict[str, Any], tag: str, n_users: in
     r = await client.delete(f"/v1/api-keys/{revoked}", headers=t.headers)
     assert r.status_code == 204, r.text
     t.keys[revoked]["revoked_at"] = "revoked"
+    first, second = t.endpoints
+    await settled(client, t, {first: n_users, second: 1}, attempts=n_users + 1)
+    # One delivery retried by hand: a job of the tenant, and a second attempt.
+    retried = next(i for i, d in t.deliveries.items() if d["endpoint_id"] == first)
+    r = await client.post(f"/v1/webhook-endpoints/{first}/deliveries/{retried}/retry", headers=t.headers)
+    assert r.status_code == 202, r.text
+    t.jobs.append(r.json()["job_id"])
+    await settled(client, t, {first: n_users, second: 1}, attempts=n_users + 2)
     return t
+
+
+async def settled(client: Client, t: Tenant, counts: dict[str, int], attempts: int) -> None:
+    """Wait until each endpoint has its deliveries, all failed, with ``attempts`` attempts in all; record them."""
+
+    async def probe() -> dict[str, dict[str, Any]] | None:
+        found: dict[str, dict[str, Any]] = {}
+        for endpoint_id, count in counts.items():
+            items, _ = await read_all(client, f"/v1/webhook-endpoints/{endpoint_id}/deliveries", t.headers)
+            if len(items) != count or any(d["status"] != "failed" for d in items):
+                return None
+            found |= {d["id"]: {**d, "endpoint_id": endpoint_id} for d in items}
+        return found if sum(len(d["attempts"]) for d in found.values()) == attempts else None
+
+    t.deliveries = await eventually(probe)
 
 
 async def read_all(client: Client, path: str, headers: dict[str, str], limit: int = 100) -> tuple[list[Any], str]:
@@ -152,7 +256,12 @@ async def state(client: Client, t: Tenant) -> dict[str, Any]:
     assert tenant.status_code == 200, f"{t.body['tenant']['name']}'s own key no longer works: {tenant.text}"
     users, _ = await read_all(client, "/v1/users", t.headers)
     keys, _ = await read_all(client, "/v1/api-keys", t.headers)
-    return {"tenant": tenant.json(), "users": users, "keys": keys}
+    endpoints, _ = await read_all(client, "/v1/webhook-endpoints", t.headers)
+    deliveries = {
+        e["id"]: (await read_all(client, f"/v1/webhook-endpoints/{e['id']}/deliveries", t.headers))[0]
+        for e in endpoints
+    }
+    return {"tenant": tenant.json(), "users": users, "keys": keys, "endpoints": endpoints, "deliveries": deliveries}
 
 
 def leaks(text: str, markers: set[str]) -> list[str]:
@@ -202,20 +311,42 @@ async def test_other_tenants_ids_are_not_found(client: Client, world: tuple[Tena
     before = await state(client, a)
     failures: list[str] = []
 
+    # B's own ids fill a route's other parameters, so that only the one under test is foreign.
+    b_own = {PARAM["endpoint"]: b.first_endpoint}
+    b_delivery = next(i for i, d in b.deliveries.items() if d["endpoint_id"] == b.first_endpoint)
+    markers = a.markers()
     for (method, template), (kind, body) in ID_ROUTES.items():
-        prefix = template.split("{", 1)[0]
+        param = PARAM[kind]
         # What a genuinely missing id looks like: A's ids must be indistinguishable from it.
-        missing = await client.request(method, prefix + str(uuid.uuid4()), headers=b.headers, json=body)
-        assert missing.status_code == 404, f"{method} {template} with a random id -> {missing.status_code}"
+        path = fill(template, {**b_own, param: str(uuid.uuid4())})
+        missing = await client.request(method, path, headers=b.headers, json=body)
+        if missing.status_code != 404:
+            failures.append(f"{method} {template} with a random id -> {missing.status_code}: {missing.text[:300]}")
+            continue
         reference = {k: missing.json().get(k) for k in ("type", "title", "status", "detail")}
 
-        own = a.users if kind == "user" else a.keys
-        other = a.keys if kind == "user" else a.users
-        targets = [(f"A's {kind}", i) for i in own] + [("A's other resource", i) for i in other]
-        targets.append(("A's tenant id", a.id))
-        for what, target in targets:
-            for spelling, spell in SPELLINGS.items():
-                path = prefix + spell(target)
+        # All of A's ids of the route's kind in every spelling; A's users and keys wherever they are not the
+        # route's kind, in every spelling too; one id of each other kind, canonical.
+        every, canonical = list(SPELLINGS), ["canonical"]
+        targets: list[tuple[str, dict[str, str], list[str]]] = [(f"A's {kind}", {param: i}, every) for i in a.ids(kind)]
+        for other in PARAM:
+            if other != kind:
+                ids, spellings = (a.ids(other), every) if other in ("user", "key") else (a.ids(other)[:1], canonical)
+                targets += [(f"A's {other} as {kind} id", {param: i}, spellings) for i in ids]
+        targets.append(("A's tenant id", {param: a.id}, every))
+        if kind == "delivery":
+            # A's deliveries at their own endpoint, and B's own delivery at A's endpoints.
+            targets += [
+                ("A's delivery at A's endpoint", {"endpoint_id": d["endpoint_id"], param: i}, canonical)
+                for i, d in a.deliveries.items()
+            ]
+            targets += [
+                ("B's delivery at A's endpoint", {"endpoint_id": e, param: b_delivery}, every) for e in a.endpoints
+            ]
+        for what, target, spellings in targets:
+            for spelling in spellings:
+                spell = SPELLINGS[spelling]
+                path = fill(template, {**b_own, **{k: spell(v) for k, v in target.items()}})
                 r = await client.request(method, path, headers=b.headers, json=body)
                 label = f"B: {method} {path} ({what}, {spelling}) -> {r.status_code}"
                 if r.status_code != 404:
@@ -229,7 +360,7 @@ async def test_other_tenants_ids_are_not_found(client: Client, world: tuple[Tena
                     failures.append(f"{label}: differs from a missing id: {got} != {reference}")
                 if r.json().get("request_id") != r.headers.get("x-request-id"):
                     failures.append(f"{label}: problem request_id does not match X-Request-ID")
-                if leaks(r.text.replace(path, "").replace(r.json().get("instance", ""), ""), a.markers()):
+                if leaks(r.text.replace(path, "").replace(r.json().get("instance", ""), ""), markers):
                     failures.append(f"{label}: response mentions A's data: {r.text[:300]}")
 
     after = await state(client, a)
@@ -241,16 +372,32 @@ async def test_other_tenants_ids_are_not_found(client: Client, world: tuple[Tena
     # of malformed requests or a broken key.
     member = next(i for i, u in b.users.items() if u["role"] != "owner")
     live_key = next(i for i, k in b.keys.items() if i != b.body["api_key"]["id"] and k.get("revoked_at") is None)
+    own = {
+        "user_id": member,
+        "key_id": live_key,
+        "endpoint_id": b.first_endpoint,
+        "delivery_id": b_delivery,
+        "job_id": b.jobs[0],
+    }
     for (method, template), (kind, body) in ID_ROUTES.items():
-        target = member if kind == "user" else live_key
         if method == "DELETE":
             continue
-        r = await client.request(method, template.split("{", 1)[0] + target, headers=b.headers, json=body)
-        assert r.status_code == 200, f"control {method} {template} on B's own {kind} -> {r.status_code} {r.text}"
+        r = await client.request(method, fill(template, own), headers=b.headers, json=body)
+        expected = CONTROL_STATUS.get((method, template), 200)
+        assert r.status_code == expected, f"control {method} {template} on B's own {kind} -> {r.status_code} {r.text}"
+        if expected == 202:
+            # Let the retry's attempt land before anything is deleted under it.
+            attempts = len(b.deliveries[b_delivery]["attempts"]) + 1
+            path = fill(DELIVERY, own)
+
+            async def attempted(path: str = path, attempts: int = attempts) -> bool:
+                d = (await client.get(path, headers=b.headers)).json()
+                return bool(d["status"] == "failed" and len(d["attempts"]) == attempts)
+
+            await eventually(attempted)
     for (method, template), (kind, _) in ID_ROUTES.items():
         if method == "DELETE":
-            target = member if kind == "user" else live_key
-            r = await client.request(method, template.split("{", 1)[0] + target, headers=b.headers)
+            r = await client.request(method, fill(template, own), headers=b.headers)
             assert r.status_code == 204, f"control {method} {template} on B's own {kind} -> {r.status_code} {r.text}"
     assert await state(client, a) == before, "B's own changes touched A's data"
 
@@ -274,6 +421,12 @@ async def test_tenant_scoped_writes_without_ids_stay_in_the_tenant(
     assert r.json()["id"] == b.id
     r = await client.post("/v1/api-keys", headers=b.headers, json={"name": "b extra"})
     assert r.status_code == 201, r.text
+    # A's endpoint URL is free to reuse in B too.
+    url = next(iter(a.endpoints.values()))["url"]
+    r = await client.post(
+        "/v1/webhook-endpoints", headers=b.headers, json={"url": url, "event_types": ["user.created"]}
+    )
+    assert r.status_code == 201, r.text
     assert await state(client, a) == before, "B's writes changed A's data"
 
 
@@ -286,16 +439,18 @@ async def test_tenant_scoped_writes_without_ids_stay_in_the_tenant(
 async def test_reads_show_nothing_of_the_other_tenant(client: Client, world: tuple[Tenant, Tenant], limit: int) -> None:
     a, b = world
     markers = a.markers()
-    for (_, path), paged in READ_ROUTES.items():
-        if paged:
+    lists = b.lists()
+    reads = [(path, lists.get(path)) for (_, path), paged in READ_ROUTES.items()]
+    for path, listed in [*reads, (DELIVERY_LIST, lists[DELIVERY_LIST])]:
+        if listed is not None:
+            path, own = listed
             items, text = await read_all(client, path, b.headers, limit=limit)
-            own = b.users if path == "/v1/users" else b.keys
             ids = [item["id"] for item in items]
             assert sorted(ids) == sorted(own), f"B's {path} (limit={limit}) lists {ids}, B owns {sorted(own)}"
         else:
             r = await client.get(path, headers=b.headers)
             assert r.status_code == 200, r.text
-            assert r.json()["id"] == b.id
+            assert r.json().get("id", b.id) == b.id
             text = r.text
         assert not leaks(text, markers), f"B's GET {path} (limit={limit}) shows A's data: {leaks(text, markers)}"
 
@@ -304,16 +459,15 @@ async def test_cursors_do_not_cross_tenants(client: Client, world: tuple[Tenant,
     """A cursor taken from one tenant's listing, replayed by the other tenant (on either list), must at
     most page through the replaying tenant's own rows."""
     a, b = world
-    paged = [path for (_, path), is_paged in READ_ROUTES.items() if is_paged]
     failures: list[str] = []
     for owner, reader in [(a, b), (b, a)]:
         foreign = owner.markers() - reader.markers()
-        reader_ids = set(reader.users) | set(reader.keys)
-        taken = {path: await cursors(client, path, owner.headers) for path in paged}
+        reader_ids = set(reader.users) | set(reader.keys) | set(reader.endpoints) | set(reader.deliveries)
+        taken = {label: await cursors(client, path, owner.headers) for label, (path, _) in owner.lists().items()}
         assert all(taken.values()), "every list should have more than one page at limit=1"
         for source, cursor_list in taken.items():
             for cursor in cursor_list:
-                for path in paged:
+                for path, _ in reader.lists().values():
                     for limit in (1, 100):
                         r = await client.get(path, params={"cursor": cursor, "limit": limit}, headers=reader.headers)
                         label = f"{reader.body['tenant']['name']}: GET {path}?limit={limit} with cursor from " + (

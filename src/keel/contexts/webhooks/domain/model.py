@@ -42,28 +42,36 @@ def check_url(url: str, *, allow_private: bool) -> str:
     where they resolve: a public name may point at a private address.)"""
     if len(url) > MAX_URL_LENGTH:
         raise UnsafeUrl(f"The URL is longer than {MAX_URL_LENGTH} characters.")
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises on an invalid port
+    except ValueError:
+        raise UnsafeUrl("The URL is malformed.") from None
+    if parts.scheme not in ("https", "http") or not host:
         raise UnsafeUrl("The URL must be an absolute https:// URL.")
     if parts.scheme == "http" and not allow_private:
         raise UnsafeUrl("The URL must use https.")
     if parts.username or parts.password:
         raise UnsafeUrl("The URL must not contain credentials.")
-    try:
-        parts.port  # noqa: B018 - raises on an invalid port
-    except ValueError:
-        raise UnsafeUrl("The URL has an invalid port.") from None
-    host = parts.hostname
-    if not allow_private:
-        if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
-            raise UnsafeUrl("The URL points to a private host.")
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return url
-        if not is_public_address(address):
-            raise UnsafeUrl("The URL points to a private, loopback or link-local address.")
+    if allow_private:
+        return url
+    host = host.rstrip(".")
+    if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
+        raise UnsafeUrl("The URL points to a private host.")
+    address = _literal_address(host)
+    if address is not None and not is_public_address(address):
+        raise UnsafeUrl("The URL points to a private, loopback or link-local address.")
     return url
+
+
+def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host names literally. Other spellings resolvers accept (``127.1``, ``2130706433``)
+    are names here: the connect-time guard, which checks what a name resolves to, refuses them."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
