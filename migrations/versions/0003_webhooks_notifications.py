@@ -82,6 +82,7 @@ def upgrade() -> None:
         sa.Column("last_error", sa.String(length=500), nullable=True),
         sa.Column("claimed_by", sa.String(length=64), nullable=True),
         sa.Column("claimed_at", advanced_alchemy.types.DateTimeUTC(timezone=True), nullable=True),
+        sa.Column("claim_token", sa.String(length=36), nullable=True),
         sa.Column("created_at", advanced_alchemy.types.DateTimeUTC(timezone=True), nullable=False),
         sa.Column("updated_at", advanced_alchemy.types.DateTimeUTC(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(

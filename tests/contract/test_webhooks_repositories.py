@@ -342,13 +342,39 @@ async def test_a_due_pending_delivery_is_claimed_once(uow: UowFactory) -> None:
     d = delivery(e, due=NOW)
     await store(uow, e, d)
     got = await claim(uow, d, "job-1", NOW)
-    assert got == replace(d, status=DeliveryStatus.SENDING)
+    assert got is not None
+    assert got.claim_token
+    assert got == replace(d, status=DeliveryStatus.SENDING, claim_token=got.claim_token)
     # Fresh, and someone else's: nobody else gets it.
     assert await claim(uow, d, "job-2", NOW + timedelta(seconds=30)) is None
-    # The claimer itself gets it back (its job was retried after the worker died).
+    # The claimer itself gets it back (its job was retried after the worker died), with a new fence.
     again = await claim(uow, d, "job-1", NOW + timedelta(seconds=30))
     assert again is not None
     assert again.status is DeliveryStatus.SENDING
+    assert again.claim_token not in (None, got.claim_token)
+
+
+async def test_only_the_current_claim_can_record_the_outcome(uow: UowFactory) -> None:
+    tenant = new_id()
+    e = endpoint(tenant)
+    d = delivery(e, due=NOW)
+    await store(uow, e, d)
+    old = await claim(uow, d, "job-1", NOW)
+    new = await claim(uow, d, "job-1", NOW + timedelta(seconds=30))
+    assert old is not None
+    assert new is not None
+    async with uow() as u:
+        # The run that lost its claim (its worker was presumed dead) writes nothing.
+        assert not await u.deliveries.finish(replace(old, status=DeliveryStatus.FAILED, attempts=1))
+        assert await u.deliveries.finish(replace(new, status=DeliveryStatus.SUCCEEDED, attempts=1))
+        await u.commit()
+    async with uow() as u:
+        stored = await u.deliveries.get(tenant, d.id)
+        # Finished: the fence is gone, and no late writer can change the outcome.
+        assert not await u.deliveries.finish(replace(new, status=DeliveryStatus.FAILED))
+    assert stored is not None
+    assert stored.status is DeliveryStatus.SUCCEEDED
+    assert stored.claim_token is None
 
 
 async def test_not_yet_due_deliveries_and_other_tenants_are_not_claimed(uow: UowFactory) -> None:

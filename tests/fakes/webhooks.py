@@ -131,7 +131,7 @@ class InMemoryDeliveryRepository:
         )
         if not (due or mine_or_stale):
             return None
-        claimed = replace(d, status=DeliveryStatus.SENDING)
+        claimed = replace(d, status=DeliveryStatus.SENDING, claim_token=str(uuid.uuid4()))
         self._s.deliveries[d.id] = claimed
         self._s.claims[d.id] = Claim(claimer, now)
         return claimed
@@ -140,9 +140,26 @@ class InMemoryDeliveryRepository:
         current = self._s.deliveries.get(delivery.id)
         if current is None or current.tenant_id != delivery.tenant_id:
             return
-        self._s.deliveries[delivery.id] = replace(delivery, created_at=current.created_at)
+        self._store(delivery, current)
+
+    def _store(self, delivery: Delivery, current: Delivery) -> None:
         if delivery.status is not DeliveryStatus.SENDING:
             self._s.claims.pop(delivery.id, None)
+            delivery = replace(delivery, claim_token=None)
+        self._s.deliveries[delivery.id] = replace(delivery, created_at=current.created_at)
+
+    async def finish(self, delivery: Delivery) -> bool:
+        current = self._s.deliveries.get(delivery.id)
+        if (
+            current is None
+            or current.tenant_id != delivery.tenant_id
+            or current.status is not DeliveryStatus.SENDING
+            or delivery.claim_token is None
+            or current.claim_token != delivery.claim_token
+        ):
+            return False
+        self._store(delivery, current)
+        return True
 
     async def overdue(self, due_before: datetime, stale_before: datetime, limit: int) -> builtins.list[Delivery]:
         def is_overdue(d: Delivery) -> bool:

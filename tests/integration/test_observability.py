@@ -127,7 +127,9 @@ async def test_server_span_is_named_by_route_and_shares_trace_with_sql(
         and s.context.trace_id not in job_traces
     ]
     assert sql, [s.name for s in finished]
-    assert all(s.context.trace_id == trace_id for s in sql)
+    assert all(s.context.trace_id == trace_id for s in sql), [
+        (s.name, s.context.trace_id == trace_id, s.parent is not None) for s in sql
+    ]
     # Log lines written while serving carry the trace id.
     served = [line for line in json_logs if line.get("request_id") == "traced-1" and line["msg"] == "request served"]
     assert served[0]["trace_id"] == format(trace_id, "032x")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ class Delivered:
 
     @property
     def message(self) -> EmailMessage:
-        return cast(EmailMessage, message_from_bytes(self.data, policy=policy.default))
+        return message_from_bytes(self.data, policy=policy.default)
 
 
 class SmtpSink:
@@ -81,9 +82,9 @@ class _LoopbackController(Controller):
     """Binds port 0 (a truly free port, no probe-then-bind race) and learns the port from the socket."""
 
     def _trigger_server(self) -> None:
-        assert self.server is not None
-        self.port = int(self.server.sockets[0].getsockname()[1])
-        super()._trigger_server()
+        server = cast(asyncio.Server, self.server)
+        self.port = int(server.sockets[0].getsockname()[1])
+        super()._trigger_server()  # type: ignore[no-untyped-call]
 
 
 @contextmanager

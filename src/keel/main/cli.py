@@ -73,7 +73,6 @@ def _needs_redis(settings: Settings, command: str) -> bool:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from keel.main.worker import run_worker
     from keel.platform.domain.jobs import QUEUES
 
     settings = settings_or_exit()
@@ -83,6 +82,8 @@ def _worker(args: argparse.Namespace) -> int:
     if not queues or any(q not in QUEUES for q in queues):
         print(f"keel: --queues: a comma-separated list of {', '.join(QUEUES)}", file=sys.stderr)
         return 2
+    from keel.main.worker import run_worker  # after the checks: it imports the whole application
+
     run_worker(
         settings,
         queues=queues,
@@ -98,11 +99,11 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _cron(args: argparse.Namespace) -> int:
-    from keel.main.worker import run_cron
-
     settings = settings_or_exit()
     if not _needs_redis(settings, "cron"):
         return 2
+    from keel.main.worker import run_cron
+
     run_cron(settings)
     return 0
 

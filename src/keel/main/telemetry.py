@@ -27,7 +27,12 @@ def build_tracer_provider(settings: Settings) -> TracerProvider | None:
 def instrument(provider: TracerProvider, engine: AsyncEngine) -> None:
     """One span per SQL statement (whatever the driver), per Redis command and per outgoing HTTP call
     (which also carries ``traceparent`` to webhook receivers)."""
-    SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine, tracer_provider=provider, enable_commenter=False)
+    sqlalchemy = SQLAlchemyInstrumentor()
+    if sqlalchemy.is_instrumented_by_opentelemetry:
+        # The instrumentor is a per-process singleton: a second instrument() would be ignored with a
+        # warning and leave this engine untraced. One app per process in production; tests build many.
+        sqlalchemy.uninstrument()
+    sqlalchemy.instrument(engine=engine.sync_engine, tracer_provider=provider, enable_commenter=False)
     redis = RedisInstrumentor()
     if not redis.is_instrumented_by_opentelemetry:
         redis.instrument(tracer_provider=provider)

@@ -154,6 +154,9 @@ class Delivery:
     last_error: str | None = None
     # How many attempts the current round may make: the automatic schedule, or 1 for a manual retry.
     attempt_budget: int = MAX_ATTEMPTS
+    # Fences the attempt in flight: set by each claim, so a run that lost its claim (its worker was
+    # presumed dead and the job retried) cannot overwrite what the newer run recorded.
+    claim_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

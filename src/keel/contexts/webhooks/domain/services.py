@@ -293,6 +293,10 @@ class WebhooksService:
             updated_at=ended,
         )
         async with self._uow() as uow:
+            if not await uow.deliveries.finish(updated):
+                # A newer run of this job took the delivery over (this worker was presumed dead):
+                # its outcome stands; this one is dropped, with no retry of its own.
+                return "superseded"
             await uow.attempts.add(
                 Attempt(
                     id=new_id(),
@@ -305,7 +309,6 @@ class WebhooksService:
                     error=result.error,
                 )
             )
-            await uow.deliveries.update(updated)
             current = await uow.endpoints.get(tenant_id, endpoint.id)
             if current is not None:
                 health = self._endpoint_health(current, verdict, ended)
@@ -329,10 +332,11 @@ class WebhooksService:
     async def _finish_without_sending(self, delivery: Delivery, reason: str) -> None:
         now = self._clock.now()
         async with self._uow() as uow:
-            await uow.deliveries.update(
-                replace(delivery, status=DeliveryStatus.FAILED, last_error=reason, next_attempt_at=None, updated_at=now)
+            failed = replace(
+                delivery, status=DeliveryStatus.FAILED, last_error=reason, next_attempt_at=None, updated_at=now
             )
-            await uow.commit()
+            if await uow.deliveries.finish(failed):
+                await uow.commit()
 
     async def requeue_overdue(self, limit: int = 500) -> int:
         """Safety net for attempts whose job was lost (queue outage, expired job): enqueue them again."""

@@ -49,10 +49,16 @@ class DeliveryRepository(Protocol):
     ) -> Delivery | None:
         """Atomically mark the delivery as sending for ``claimer`` if it is due (pending and
         ``next_attempt_at <= now``), already claimed by ``claimer`` (a retried job whose worker died), or
-        claimed by someone before ``stale_before``; None when another attempt owns it or it is not due."""
+        claimed by someone before ``stale_before``; None when another attempt owns it or it is not due.
+        The returned delivery carries a fresh ``claim_token``."""
         ...
 
     async def update(self, delivery: Delivery) -> None: ...
+
+    async def finish(self, delivery: Delivery) -> bool:
+        """Write the outcome of an attempt, only if ``delivery.claim_token`` still holds the claim;
+        False (nothing written) when a newer run took the delivery over."""
+        ...
 
     async def overdue(self, due_before: datetime, stale_before: datetime, limit: int) -> builtins.list[Delivery]:
         """Across tenants: pending deliveries due before ``due_before`` and sending ones claimed

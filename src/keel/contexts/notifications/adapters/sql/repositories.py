@@ -4,12 +4,11 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keel.contexts.notifications.adapters.sql.models import EmailRow
 from keel.contexts.notifications.domain.model import EmailKind, EmailRecord, EmailStatus
-from keel.platform.adapters.sql.errors import is_unique_violation
+from keel.platform.adapters.sql.errors import insert_unless_exists
 from keel.platform.adapters.sql.uow import SqlUnitOfWork
 
 
@@ -39,26 +38,18 @@ class SqlEmailLog:
         return _record(row) if row is not None else None
 
     async def add(self, record: EmailRecord) -> bool:
-        try:
-            async with self._s.begin_nested():
-                self._s.add(
-                    EmailRow(
-                        id=record.id,
-                        tenant_id=record.tenant_id,
-                        event_id=record.event_id,
-                        kind=record.kind.value,
-                        recipient=record.recipient,
-                        message_id=record.message_id,
-                        status=record.status.value,
-                        created_at=record.created_at,
-                        sent_at=record.sent_at,
-                    )
-                )
-        except IntegrityError as exc:
-            if is_unique_violation(exc, "uq_emails_event_kind_recipient"):
-                return False
-            raise
-        return True
+        values = {
+            "id": record.id,
+            "tenant_id": record.tenant_id,
+            "event_id": record.event_id,
+            "kind": record.kind.value,
+            "recipient": record.recipient,
+            "message_id": record.message_id,
+            "status": record.status.value,
+            "created_at": record.created_at,
+            "sent_at": record.sent_at,
+        }
+        return await insert_unless_exists(self._s, EmailRow, values, ("event_id", "kind", "recipient"))
 
     async def mark_sent(self, record_id: uuid.UUID, at: datetime) -> None:
         stmt = update(EmailRow).where(EmailRow.id == record_id).values(status=EmailStatus.SENT.value, sent_at=at)

@@ -9,13 +9,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
 
-from sqlalchemy import and_, delete, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import ColumnElement, and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keel.contexts.webhooks.adapters.sql.models import AttemptRow, DeliveryRow, EndpointRow
 from keel.contexts.webhooks.domain.model import Attempt, Delivery, DeliveryStatus, Endpoint
-from keel.platform.adapters.sql.errors import is_unique_violation
+from keel.platform.adapters.sql.errors import insert_unless_exists
 from keel.platform.adapters.sql.paging import keyset_page
 from keel.platform.adapters.sql.uow import SqlUnitOfWork
 from keel.platform.domain.paging import Page, PageRequest
@@ -59,6 +58,7 @@ def _delivery(row: DeliveryRow) -> Delivery:
         next_attempt_at=row.next_attempt_at,
         last_status_code=row.last_status_code,
         last_error=row.last_error,
+        claim_token=row.claim_token,
     )
 
 
@@ -134,14 +134,9 @@ class SqlDeliveryRepository:
         self._s = session
 
     async def add(self, delivery: Delivery) -> bool:
-        try:
-            async with self._s.begin_nested():
-                self._s.add(DeliveryRow(**_delivery_columns(delivery), claimed_by=None, claimed_at=None))
-        except IntegrityError as exc:
-            if is_unique_violation(exc, "uq_webhook_deliveries_endpoint_event"):
-                return False
-            raise
-        return True
+        return await insert_unless_exists(
+            self._s, DeliveryRow, _delivery_columns(delivery), ("endpoint_id", "event_id")
+        )
 
     async def get(self, tenant_id: uuid.UUID, delivery_id: uuid.UUID) -> Delivery | None:
         stmt = select(DeliveryRow).where(DeliveryRow.tenant_id == tenant_id, DeliveryRow.id == delivery_id)
@@ -173,7 +168,7 @@ class SqlDeliveryRepository:
                     ),
                 ),
             )
-            .values(status=sending, claimed_by=claimer, claimed_at=now)
+            .values(status=sending, claimed_by=claimer, claimed_at=now, claim_token=str(uuid.uuid4()))
             .execution_options(synchronize_session=False)
         )
         result = await self._s.execute(stmt)
@@ -181,18 +176,30 @@ class SqlDeliveryRepository:
             return None
         return await self.get(tenant_id, delivery_id)
 
-    async def update(self, delivery: Delivery) -> None:
+    async def _write(self, delivery: Delivery, *fence: ColumnElement[bool]) -> bool:
         values = _delivery_columns(delivery)
         del values["id"], values["tenant_id"], values["created_at"]
         if delivery.status is not DeliveryStatus.SENDING:
-            values.update(claimed_by=None, claimed_at=None)
+            values.update(claimed_by=None, claimed_at=None, claim_token=None)
         stmt = (
             update(DeliveryRow)
-            .where(DeliveryRow.tenant_id == delivery.tenant_id, DeliveryRow.id == delivery.id)
+            .where(DeliveryRow.tenant_id == delivery.tenant_id, DeliveryRow.id == delivery.id, *fence)
             .values(**values)
             .execution_options(synchronize_session=False)
         )
-        await self._s.execute(stmt)
+        return bool(getattr(await self._s.execute(stmt), "rowcount", 0))
+
+    async def update(self, delivery: Delivery) -> None:
+        await self._write(delivery)
+
+    async def finish(self, delivery: Delivery) -> bool:
+        if delivery.claim_token is None:
+            return False
+        return await self._write(
+            delivery,
+            DeliveryRow.status == DeliveryStatus.SENDING.value,
+            DeliveryRow.claim_token == delivery.claim_token,
+        )
 
     async def overdue(self, due_before: datetime, stale_before: datetime, limit: int) -> builtins.list[Delivery]:
         stmt = (
