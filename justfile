@@ -20,9 +20,9 @@ serve *ARGS: _sync
 migrate *ARGS: _sync
     uv run --no-sync keel migrate {{ARGS}}
 
-# Lint, type-check, architecture contracts, then the whole test suite
+# Lint, type-check, architecture contracts, then the whole test suite (up to 4 processes, each with its own servers)
 test *ARGS: lint
-    uv run --no-sync pytest {{ARGS}}
+    uv run --no-sync pytest --numprocesses auto --maxprocesses 4 {{ARGS}}
 
 # ruff (lint + format check), mypy (strict), import-linter contracts
 lint: _sync

@@ -131,7 +131,7 @@ class RqJobQueue:
             queue=job.origin,
             status=status,
             tenant_id=uuid.UUID(tenant) if tenant else None,
-            progress=int(meta.get("progress", 0)),
+            progress=100 if status is JobStatus.SUCCEEDED else int(meta.get("progress", 0)),
             attempts=int(meta.get("attempts", 0)),
             result=job.return_value() if status is JobStatus.SUCCEEDED else None,
             error=JobError(**error) if error and status is not JobStatus.SUCCEEDED else None,
@@ -246,9 +246,7 @@ def perform(name: str, args: dict[str, Any]) -> Any:
             job.retries_left = 0  # RQ decides on the same job object right after this raises
         job.save_meta()  # type: ignore[no-untyped-call]
         raise
-    job.meta["progress"] = 100
-    job.save_meta()  # type: ignore[no-untyped-call]
-    return result
+    return result  # progress reads as 100 once the job succeeded: no extra round trip here
 
 
 class _Heartbeats:
