@@ -12,34 +12,26 @@ from keel.contexts.accounts.adapters.sql.repositories import SqlAccountsUnitOfWo
 from keel.contexts.accounts.domain.errors import EmailTaken
 from keel.contexts.accounts.domain.model import ApiKey, Role, Tenant, TenantConfig, User, hash_token
 from keel.contexts.accounts.ports.repositories import AccountsUnitOfWork
-from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.domain.ids import new_id
 from keel.platform.domain.paging import PageRequest
 from tests.fakes.accounts import AccountsState, InMemoryAccountsUnitOfWork
+from tests.support.storage import BACKENDS, backend_of, uow_factory
 
 NOW = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
 
 UowFactory = Callable[[], AccountsUnitOfWork]
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    """'memory', or the URL of a fresh migrated database."""
-    if request.param == "memory":
-        return "memory"
-    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+    return backend_of(request)
 
 
 @pytest.fixture
 async def uow(backend: str) -> AsyncIterator[UowFactory]:
-    if backend == "memory":
-        state = AccountsState()
-        yield lambda: InMemoryAccountsUnitOfWork(state)
-        return
-    engine = create_engine(backend)
-    sessions = session_factory(engine)
-    yield lambda: SqlAccountsUnitOfWork(sessions)
-    await engine.dispose()
+    state = AccountsState()
+    async with uow_factory(backend, lambda: InMemoryAccountsUnitOfWork(state), SqlAccountsUnitOfWork) as factory:
+        yield factory
 
 
 def tenant(name: str = "Acme") -> Tenant:

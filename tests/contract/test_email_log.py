@@ -14,33 +14,27 @@ from sqlalchemy.exc import OperationalError
 from keel.contexts.notifications.adapters.sql.repositories import SqlNotificationsUnitOfWork
 from keel.contexts.notifications.domain.model import EmailKind, EmailRecord, EmailStatus, message_id
 from keel.contexts.notifications.ports.repositories import NotificationsUnitOfWork
-from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.domain.ids import new_id
 from tests.fakes.notifications import InMemoryNotificationsUnitOfWork, NotificationsState
+from tests.support.storage import BACKENDS, backend_of, uow_factory
 
 NOW = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
 
 UowFactory = Callable[[], NotificationsUnitOfWork]
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    """'memory', or the URL of a fresh migrated database."""
-    if request.param == "memory":
-        return "memory"
-    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+    return backend_of(request)
 
 
 @pytest.fixture
 async def uow(backend: str) -> AsyncIterator[UowFactory]:
-    if backend == "memory":
-        state = NotificationsState()
-        yield lambda: InMemoryNotificationsUnitOfWork(state)
-        return
-    engine = create_engine(backend)
-    sessions = session_factory(engine)
-    yield lambda: SqlNotificationsUnitOfWork(sessions)
-    await engine.dispose()
+    state = NotificationsState()
+    async with uow_factory(
+        backend, lambda: InMemoryNotificationsUnitOfWork(state), SqlNotificationsUnitOfWork
+    ) as factory:
+        yield factory
 
 
 def record(

@@ -12,10 +12,10 @@ import pytest
 from keel.contexts.webhooks.adapters.sql.repositories import SqlWebhooksUnitOfWork
 from keel.contexts.webhooks.domain.model import Attempt, Delivery, DeliveryStatus, Endpoint, new_secret
 from keel.contexts.webhooks.ports.repositories import WebhooksUnitOfWork
-from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.domain.ids import new_id
 from keel.platform.domain.paging import PageRequest
 from tests.fakes.webhooks import InMemoryWebhooksUnitOfWork, WebhooksState
+from tests.support.storage import BACKENDS, backend_of, uow_factory
 
 NOW = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
 LEASE = timedelta(seconds=60)
@@ -23,24 +23,16 @@ LEASE = timedelta(seconds=60)
 UowFactory = Callable[[], WebhooksUnitOfWork]
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    """'memory', or the URL of a fresh migrated database."""
-    if request.param == "memory":
-        return "memory"
-    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+    return backend_of(request)
 
 
 @pytest.fixture
 async def uow(backend: str) -> AsyncIterator[UowFactory]:
-    if backend == "memory":
-        state = WebhooksState()
-        yield lambda: InMemoryWebhooksUnitOfWork(state)
-        return
-    engine = create_engine(backend)
-    sessions = session_factory(engine)
-    yield lambda: SqlWebhooksUnitOfWork(sessions)
-    await engine.dispose()
+    state = WebhooksState()
+    async with uow_factory(backend, lambda: InMemoryWebhooksUnitOfWork(state), SqlWebhooksUnitOfWork) as factory:
+        yield factory
 
 
 def endpoint(tenant_id: uuid.UUID, *types: str, enabled: bool = True, url: str = "https://example.com/h") -> Endpoint:

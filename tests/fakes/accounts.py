@@ -5,8 +5,7 @@ from __future__ import annotations
 import copy
 import uuid
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import TypeVar
 
 from keel.contexts.accounts.domain.errors import EmailTaken
 from keel.contexts.accounts.domain.model import ApiKey, Tenant, User
@@ -17,8 +16,8 @@ from keel.platform.cache import ReadThroughCache
 from keel.platform.domain.events import Event, EventDispatcher
 from keel.platform.domain.paging import Page, PageRequest
 from keel.platform.ports.clock import Clock
-from keel.platform.ports.events import CommittedEventPublisher
 from tests.fakes.events import InlinePublisher
+from tests.fakes.uow import InMemoryUnitOfWork
 
 
 @dataclass
@@ -116,39 +115,11 @@ class InMemoryApiKeyRepository:
             self._s.api_keys[key.id] = copy.deepcopy(key)
 
 
-class InMemoryAccountsUnitOfWork:
-    """Works on a private copy of the committed state; ``commit`` publishes it, leaving discards it."""
-
-    def __init__(self, committed: AccountsState, publisher: CommittedEventPublisher | None = None) -> None:
-        self._committed = committed
-        self._publisher = publisher
-        self._events: list[Event] = []
-
-    def record(self, event: Event) -> None:
-        self._events.append(event)
-
-    async def __aenter__(self) -> Self:
-        self._events = []
-        self._staged = copy.deepcopy(self._committed)
-        self.tenants = InMemoryTenantRepository(self._staged)
-        self.users = InMemoryUserRepository(self._staged)
-        self.api_keys = InMemoryApiKeyRepository(self._staged)
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        del self._staged
-        self._events = []
-
-    async def commit(self) -> None:
-        self._committed.tenants = copy.deepcopy(self._staged.tenants)
-        self._committed.users = copy.deepcopy(self._staged.users)
-        self._committed.api_keys = copy.deepcopy(self._staged.api_keys)
-        events, self._events = self._events, []
-        self._committed.outbox.extend(events)
-        if events and self._publisher is not None:
-            await self._publisher.publish_committed(events)
+class InMemoryAccountsUnitOfWork(InMemoryUnitOfWork[AccountsState]):
+    def _bind(self, staged: AccountsState) -> None:
+        self.tenants = InMemoryTenantRepository(staged)
+        self.users = InMemoryUserRepository(staged)
+        self.api_keys = InMemoryApiKeyRepository(staged)
 
 
 def accounts_service(

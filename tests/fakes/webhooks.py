@@ -4,14 +4,12 @@ scripted webhook sender that records what it was asked to send, and a job queue 
 from __future__ import annotations
 
 import builtins
-import copy
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from keel.contexts.accounts.public import PUBLIC_EVENTS
 from keel.contexts.webhooks.domain.model import RETRY_SCHEDULE, Attempt, Delivery, DeliveryStatus, Endpoint, SendResult
@@ -21,8 +19,8 @@ from keel.platform.domain.ids import new_id
 from keel.platform.domain.jobs import JobInfo, JobStatus
 from keel.platform.domain.paging import Page, PageRequest
 from keel.platform.ports.clock import Clock
-from keel.platform.ports.events import CommittedEventPublisher
 from keel.platform.ports.jobs import JobArgs
+from tests.fakes.uow import InMemoryUnitOfWork
 
 
 @dataclass
@@ -189,40 +187,11 @@ class InMemoryAttemptRepository:
         return sorted(rows, key=lambda a: (a.delivery_id, a.number))
 
 
-class InMemoryWebhooksUnitOfWork:
-    """Works on a private copy of the committed state; ``commit`` publishes it, leaving discards it."""
-
-    def __init__(self, committed: WebhooksState, publisher: CommittedEventPublisher | None = None) -> None:
-        self._committed = committed
-        self._publisher = publisher
-        self._events: list[Event] = []
-
-    def record(self, event: Event) -> None:
-        self._events.append(event)
-
-    async def __aenter__(self) -> Self:
-        self._events = []
-        self._staged = copy.deepcopy(self._committed)
-        self.endpoints = InMemoryEndpointRepository(self._staged)
-        self.deliveries = InMemoryDeliveryRepository(self._staged)
-        self.attempts = InMemoryAttemptRepository(self._staged)
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        del self._staged
-        self._events = []
-
-    async def commit(self) -> None:
-        self._committed.endpoints = copy.deepcopy(self._staged.endpoints)
-        self._committed.deliveries = copy.deepcopy(self._staged.deliveries)
-        self._committed.claims = copy.deepcopy(self._staged.claims)
-        self._committed.attempts = copy.deepcopy(self._staged.attempts)
-        events, self._events = self._events, []
-        self._committed.outbox.extend(events)
-        if events and self._publisher is not None:
-            await self._publisher.publish_committed(events)
+class InMemoryWebhooksUnitOfWork(InMemoryUnitOfWork[WebhooksState]):
+    def _bind(self, staged: WebhooksState) -> None:
+        self.endpoints = InMemoryEndpointRepository(staged)
+        self.deliveries = InMemoryDeliveryRepository(staged)
+        self.attempts = InMemoryAttemptRepository(staged)
 
 
 # -- the network ------------------------------------------------------------------------------------

@@ -3,11 +3,8 @@ parent is the enqueuing span), same request id on every log line, wherever the j
 
 from __future__ import annotations
 
-import io
-import json
-import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +13,9 @@ import pytest
 import redis
 from loguru import logger
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from keel.main.logging import _json_sink
 from keel.platform.adapters.clock import SystemClock
 from keel.platform.adapters.jobs.execution import JobRegistry
 from keel.platform.adapters.jobs.in_process import InProcessJobQueue
@@ -28,38 +23,11 @@ from keel.platform.adapters.jobs.rq_queue import RqJobQueue, WorkerRuntime
 from keel.platform.context import request_id_var
 from keel.platform.domain.jobs import HIGH, NO_RETRY, JobFailed, JobStatus, RetryPolicy
 from keel.platform.ports.jobs import JobArgs, JobContext, JobQueue, JobSpec
-from tests.contract.test_job_queue import run_rq_worker, runtime_installed
 from tests.support.app import client_for, make_settings, signup
+from tests.support.rq import run_rq_worker, runtime_installed
 from tests.support.waiting import eventually
 
 EXECUTION_LOGGER = "keel.platform.adapters.jobs.execution"
-
-
-@pytest.fixture
-def json_logs() -> Iterator[list[dict[str, Any]]]:
-    """Every log record, rendered by the production JSON sink and parsed back (from any thread)."""
-    lines: list[dict[str, Any]] = []
-
-    def sink(message: Any) -> None:
-        buf, real = io.StringIO(), sys.stderr
-        sys.stderr = buf
-        try:
-            _json_sink(message)
-        finally:
-            sys.stderr = real
-        lines.append(json.loads(buf.getvalue()))
-
-    handler = logger.add(sink, level="DEBUG")
-    yield lines
-    logger.remove(handler)
-
-
-@pytest.fixture
-def spans() -> tuple[TracerProvider, InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider, exporter
 
 
 def hex_trace(span: ReadableSpan) -> str:

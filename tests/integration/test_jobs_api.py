@@ -26,9 +26,9 @@ from keel.platform.adapters.jobs.in_process import InProcessJobQueue
 from keel.platform.adapters.jobs.rq_queue import WorkerRuntime
 from keel.platform.adapters.sql.outbox import SWEEP_JOB
 from keel.platform.domain.jobs import JobInfo, JobStatus
-from tests.contract.test_job_queue import run_rq_worker, runtime_installed
 from tests.support.app import client_for, make_settings, signup
 from tests.support.receivers import webhook_receiver
+from tests.support.rq import run_rq_worker, runtime_installed
 from tests.support.waiting import eventually
 
 Client = AsyncTestClient[Litestar]

@@ -4,45 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from loguru import logger
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from keel.main.logging import _json_sink, redact
+from keel.main.logging import redact
 from tests.support.app import client_for, make_settings, signup
 
 Client = AsyncTestClient[Litestar]
-
-
-@pytest.fixture
-def json_logs() -> Iterator[list[dict[str, Any]]]:
-    """Every log record, rendered by the production JSON sink and parsed back."""
-    lines: list[dict[str, Any]] = []
-
-    def sink(message: Any) -> None:
-        import io
-        import sys
-
-        buf, real = io.StringIO(), sys.stderr
-        sys.stderr = buf
-        try:
-            _json_sink(message)
-        finally:
-            sys.stderr = real
-        lines.append(json.loads(buf.getvalue()))
-
-    handler = logger.add(sink, level="DEBUG")
-    yield lines
-    logger.remove(handler)
 
 
 async def test_request_id_is_accepted_generated_and_echoed(client: Client, tenant: dict[str, Any]) -> None:
@@ -91,14 +66,6 @@ def test_redaction_patterns() -> None:
     assert redact("key=keel_AbCdEfGhIjKlMnOp") == "key=keel_[REDACTED]"
     assert redact("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw") == "whsec_[REDACTED]"
     assert "hunter2" not in redact('{"password": "hunter2"}')
-
-
-@pytest.fixture
-def spans() -> tuple[TracerProvider, InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider, exporter
 
 
 async def test_server_span_is_named_by_route_and_shares_trace_with_sql(

@@ -64,7 +64,8 @@ def _patch(record: Record) -> None:
 _encoder = msgspec.json.Encoder(enc_hook=str)
 
 
-def _json_sink(message: Message) -> None:
+def json_line(message: Message) -> str:
+    """One record as the JSON document production logs carry (without the newline)."""
     r = message.record
     doc: dict[str, Any] = {
         "ts": r["time"].isoformat(),
@@ -75,7 +76,11 @@ def _json_sink(message: Message) -> None:
     doc.update(r["extra"])
     if r["exception"] is not None:
         doc["exception"] = redact("".join(_format_exception(r)))
-    sys.stderr.write(_encoder.encode(doc).decode() + "\n")
+    return _encoder.encode(doc).decode()
+
+
+def _json_sink(message: Message) -> None:
+    sys.stderr.write(json_line(message) + "\n")
 
 
 def _format_exception(r: Record) -> list[str]:
