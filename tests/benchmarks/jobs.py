@@ -46,10 +46,6 @@ def registry() -> JobRegistry:
     return JobRegistry([JobSpec(name=NOOP, handler=_noop, queue=HIGH, retry=NO_RETRY)])
 
 
-async def _setup() -> JobRegistry:
-    return registry()
-
-
 def _pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -77,8 +73,8 @@ def rq_throughput(url: str, n: int, *, simple: bool) -> None:
     conn = Redis.from_url(url)
     conn.flushall()
     queue = RqJobQueue(conn, registry())
-    ids = [queue.enqueue_sync(NOOP, {}, {"name": NOOP, "attempts": 0}, HIGH, 0.0, None) for _ in range(n)]
-    install_runtime(WorkerRuntime(_setup))
+    ids = [queue.enqueue_sync(NOOP, {}, {"name": NOOP, "attempts": 0}, 0.0, None) for _ in range(n)]
+    install_runtime(WorkerRuntime(registry()))
     worker_class = KeelSimpleWorker if simple else KeelWorker
     worker = worker_class([HIGH], connection=conn, serializer=JSONSerializer)
     started = time.perf_counter()
@@ -90,7 +86,7 @@ def rq_throughput(url: str, n: int, *, simple: bool) -> None:
 
 
 def _worker_process(url: str, simple: bool) -> None:
-    install_runtime(WorkerRuntime(_setup))
+    install_runtime(WorkerRuntime(registry()))
     conn = Redis.from_url(url)
     worker_class = KeelSimpleWorker if simple else KeelWorker
     worker_class([HIGH], connection=conn, serializer=JSONSerializer).work(logging_level="WARNING")
@@ -107,7 +103,7 @@ def rq_latency(url: str, n: int, *, simple: bool) -> None:
     ids = []
     try:
         for _ in range(n):
-            job_id = queue.enqueue_sync(NOOP, {}, {"name": NOOP, "attempts": 0}, HIGH, 0.0, None)
+            job_id = queue.enqueue_sync(NOOP, {}, {"name": NOOP, "attempts": 0}, 0.0, None)
             ids.append(job_id)
             deadline = time.monotonic() + 10
             while conn.hget(f"rq:job:{job_id}", "status") != b"finished":

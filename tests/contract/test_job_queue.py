@@ -106,11 +106,8 @@ async def h(backend: str | None) -> AsyncIterator[Harness]:
 
     connection = redis.Redis.from_url(backend)
 
-    async def setup() -> JobRegistry:
-        return registry
-
     try:
-        with runtime_installed(WorkerRuntime(setup)):
+        with runtime_installed(WorkerRuntime(registry)):
             yield Harness("rq", registry, RqJobQueue(connection, registry), unit=1.0, connection=connection)
     finally:
         connection.close()

@@ -171,11 +171,8 @@ async def jobs(backend: str | None, spans: tuple[TracerProvider, InMemorySpanExp
 
     connection = redis.Redis.from_url(backend)
 
-    async def setup() -> JobRegistry:
-        return registry
-
     try:
-        with runtime_installed(WorkerRuntime(setup, tracer_provider=provider)):
+        with runtime_installed(WorkerRuntime(registry, tracer_provider=provider)):
             yield Jobs(RqJobQueue(connection, registry), registry, "rq", connection)
     finally:
         connection.close()

@@ -16,7 +16,6 @@ from keel.main.container import build_container
 from keel.main.logging import configure_logging
 from keel.main.settings import Settings
 from keel.main.telemetry import build_tracer_provider, instrument
-from keel.platform.adapters.jobs.execution import JobRegistry
 from keel.platform.adapters.jobs.rq_cron import KeelCronScheduler
 from keel.platform.adapters.jobs.rq_queue import (
     KeelSimpleWorker,
@@ -37,10 +36,7 @@ def make_runtime(settings: Settings) -> WorkerRuntime:
     if provider is not None:
         instrument(provider, container.engine)
 
-    async def setup() -> JobRegistry:
-        return container.job_registry
-
-    return WorkerRuntime(setup, tracer_provider=provider)
+    return WorkerRuntime(container.job_registry, tracer_provider=provider)
 
 
 def _connection(settings: Settings) -> Redis:

@@ -66,3 +66,7 @@ class PeriodicJob:
 
     name: str
     every: int
+
+    def job_id_at(self, timestamp: float) -> str:
+        """One job id per interval: a second scheduler, or a backlog, still makes one run per slot."""
+        return f"cron-{self.name.replace('.', '-')}-{int(timestamp) // self.every}"

@@ -12,7 +12,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from opentelemetry.trace import TracerProvider
@@ -43,7 +43,6 @@ class _Job:
     error: JobError | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
-    due: float = 0.0  # loop time at which a scheduled job becomes runnable
     handle: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
@@ -70,7 +69,6 @@ class InProcessJobQueue:
         clock: Clock,
         *,
         concurrency: int = 4,
-        retention: timedelta = timedelta(hours=24),
         max_kept: int = 10_000,
         tracer_provider: TracerProvider | None = None,
         periodic: Sequence[PeriodicJob] = (),
@@ -79,7 +77,6 @@ class InProcessJobQueue:
         self._periodic = list(periodic)
         self._clock = clock
         self._concurrency = concurrency
-        self._retention = retention
         self._max_kept = max_kept
         self.tracer_provider = tracer_provider
         self._jobs: dict[str, _Job] = {}
@@ -176,14 +173,12 @@ class InProcessJobQueue:
     async def _every(self, periodic: PeriodicJob) -> None:
         """The embedded stand-in for ``keel cron``: one run per interval, never two at once."""
         while True:
-            slot = int(self._clock.now().timestamp()) // periodic.every
-            await self.enqueue(periodic.name, {}, job_id=f"cron-{periodic.name}-{slot}")
+            await self.enqueue(periodic.name, {}, job_id=periodic.job_id_at(self._clock.now().timestamp()))
             await asyncio.sleep(periodic.every)
 
     def _schedule(self, job: _Job, delay: float) -> None:
         job.status = JobStatus.SCHEDULED
         loop = asyncio.get_running_loop()
-        job.due = loop.time() + delay
 
         def due() -> None:
             job.handle = None
@@ -243,16 +238,13 @@ class InProcessJobQueue:
             job.meta["progress"] = 100
 
     def _prune(self) -> None:
+        """Forget finished jobs, oldest first, down to 90 % of ``max_kept``: the sort runs once per
+        tenth of the capacity, not on every enqueue once the queue is full."""
         if len(self._jobs) <= self._max_kept:
             return
-        cutoff = self._clock.now() - self._retention
         finished = sorted(
             (j for j in self._jobs.values() if j.status.is_final and j.ended_at is not None),
-            key=lambda j: j.ended_at or cutoff,
+            key=lambda j: j.ended_at or self._clock.now(),
         )
-        excess = len(self._jobs) - self._max_kept
-        for j in finished:
-            if excess <= 0 and (j.ended_at or cutoff) >= cutoff:
-                break
+        for j in finished[: len(self._jobs) - int(self._max_kept * 0.9)]:
             del self._jobs[j.id]
-            excess -= 1

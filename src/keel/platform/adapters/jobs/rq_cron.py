@@ -16,8 +16,7 @@ from keel.platform.ports.jobs import PeriodicJob
 
 class _KeelCronJob(CronJob):
     """RQ's CronJob enqueues with the default (pickle) serializer; Keel's queues are JSON, so the
-    enqueue goes through ``RqJobQueue``. The id is per time slot: two cron processes, or a cron that
-    ran while no worker did, still produce one job per slot."""
+    enqueue goes through ``RqJobQueue``, with one job id per time slot."""
 
     def __init__(self, jobs: RqJobQueue, periodic: PeriodicJob, queue_name: str) -> None:
         super().__init__(queue_name=queue_name, func_name=PERFORM, interval=periodic.every, name=periodic.name)
@@ -25,11 +24,9 @@ class _KeelCronJob(CronJob):
         self._periodic = periodic
 
     def enqueue(self, connection: Redis) -> Any:
-        slot = int(time.time()) // self._periodic.every
         name = self._periodic.name
-        return self._jobs.enqueue_sync(
-            name, {}, execution.enqueue_meta(name, None), self.queue_name, 0.0, f"cron-{name.replace('.', '-')}-{slot}"
-        )
+        meta = execution.enqueue_meta(name, None)
+        return self._jobs.enqueue_sync(name, {}, meta, 0.0, self._periodic.job_id_at(time.time()))
 
 
 class KeelCronScheduler(CronScheduler):

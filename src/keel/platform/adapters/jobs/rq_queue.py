@@ -9,7 +9,7 @@ import math
 import os
 import threading
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -76,18 +76,18 @@ class RqJobQueue:
         delay: float = 0.0,
         job_id: str | None = None,
     ) -> str:
-        spec = self._registry.spec(name)
+        self._registry.spec(name)  # an unknown job fails here, on the caller's side
         meta = execution.enqueue_meta(name, tenant_id)  # read the request context on the caller's task
         try:
-            return await asyncio.to_thread(self.enqueue_sync, name, dict(args), meta, spec.queue, delay, job_id)
+            return await asyncio.to_thread(self.enqueue_sync, name, dict(args), meta, delay, job_id)
         except redis.RedisError as exc:
             raise Unavailable("The job queue is unavailable; try again shortly.") from exc
 
     def enqueue_sync(
-        self, name: str, args: dict[str, Any], meta: dict[str, Any], queue: str, delay: float, job_id: str | None
+        self, name: str, args: dict[str, Any], meta: dict[str, Any], delay: float, job_id: str | None
     ) -> str:
         spec = self._registry.spec(name)
-        q = self.queue(queue)
+        q = self.queue(spec.queue)
         job = q.create_job(
             PERFORM,
             args=(name, args),
@@ -152,42 +152,33 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 class WorkerRuntime:
-    """The async world of a worker process: one event loop on its own thread, with the composition
-    root's object graph built on it (engines and clients are bound to a loop).
+    """The async side of a worker process: the job registry (bound to the composition root's object
+    graph, built before any fork) and one event loop on its own thread, on which jobs run.
 
-    Built lazily, once per process: a forking worker builds it in each work horse, so the parent
-    never holds a thread or a connection across ``fork()``; a simple worker builds it once.
+    The loop is started lazily, once per process: a forking worker starts one in each work horse, so
+    the parent never holds a thread or a connection across ``fork()``; a simple worker starts one.
     """
 
-    def __init__(
-        self,
-        setup: Callable[[], Coroutine[Any, Any, JobRegistry]],
-        *,
-        tracer_provider: TracerProvider | None = None,
-    ) -> None:
-        self._setup = setup
+    def __init__(self, registry: JobRegistry, *, tracer_provider: TracerProvider | None = None) -> None:
+        self.registry = registry
         self.tracer_provider = tracer_provider
         self._pid: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._registry: JobRegistry | None = None
         self._lock = threading.Lock()
 
-    def _ensure(self) -> tuple[asyncio.AbstractEventLoop, JobRegistry]:
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
-            if self._pid != os.getpid() or self._loop is None or not self._loop.is_running() or self._registry is None:
+            if self._pid != os.getpid() or self._loop is None or not self._loop.is_running():
                 loop = asyncio.new_event_loop()
+                started = threading.Event()
+                loop.call_soon(started.set)
                 threading.Thread(target=loop.run_forever, name="keel-jobs-loop", daemon=True).start()
+                started.wait()
                 self._loop, self._pid = loop, os.getpid()
-                self._registry = asyncio.run_coroutine_threadsafe(self._setup(), loop).result()
-            return self._loop, self._registry
-
-    @property
-    def registry(self) -> JobRegistry:
-        return self._ensure()[1]
+            return self._loop
 
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        loop, _ = self._ensure()
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, loop)
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._running_loop())
         try:
             return future.result()
         except BaseException:
