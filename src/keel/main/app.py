@@ -18,6 +18,7 @@ from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlu
 from opentelemetry.sdk.trace import TracerProvider
 
 from keel.contexts.accounts.adapters.http.controllers import ROUTES as ACCOUNTS_ROUTES
+from keel.contexts.payments.adapters.http.controllers import ROUTES as PAYMENTS_ROUTES
 from keel.contexts.webhooks.adapters.http.controllers import ROUTES as WEBHOOKS_ROUTES
 from keel.main.auth import PUBLIC_PATHS, ApiKeyAuthMiddleware
 from keel.main.container import Container, build_container
@@ -38,8 +39,11 @@ _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 async def require_json_body(request: Request[Any, Any, Any]) -> None:
     """415 for a body sent with a media type the handler does not read (JSON unless it says otherwise)."""
-    if request.method not in _BODY_METHODS or "data" not in request.route_handler.parsed_fn_signature.parameters:
+    data = request.route_handler.parsed_fn_signature.parameters.get("data")
+    if request.method not in _BODY_METHODS or data is None:
         return
+    if data.has_default and _sent_no_body(request):
+        return  # an optional body left out (a full refund, say)
     accepted: tuple[str, ...] = request.route_handler.opt.get("accepts", ("application/json",))
     media_type = request.content_type[0].lower()
     if media_type in accepted or (media_type.endswith("+json") and "application/json" in accepted):
@@ -49,6 +53,11 @@ async def require_json_body(request: Request[Any, Any, Any]) -> None:
         detail=f"Content-Type must be one of: {', '.join(accepted)}.",
         headers={"Accept-Post" if request.method == "POST" else "Accept-Patch": ", ".join(accepted)},
     )
+
+
+def _sent_no_body(request: Request[Any, Any, Any]) -> bool:
+    h = request.headers
+    return "content-type" not in h and "transfer-encoding" not in h and h.get("content-length", "0") == "0"
 
 
 _DOCS_UI = ScalarRenderPlugin(path="/")
@@ -125,6 +134,7 @@ def create_app(
         route_handlers=[
             *ACCOUNTS_ROUTES,
             *WEBHOOKS_ROUTES,
+            *PAYMENTS_ROUTES,
             JobController,
             healthz,
             livez,
@@ -135,6 +145,7 @@ def create_app(
         dependencies={
             "accounts": Provide(lambda: container.accounts, sync_to_thread=False),
             "webhooks": Provide(lambda: container.webhooks, sync_to_thread=False),
+            "payments": Provide(lambda: container.payments, sync_to_thread=False),
             "jobs": Provide(lambda: container.jobs, sync_to_thread=False),
             "health": Provide(lambda: container.health, sync_to_thread=False),
             "principal": Provide(provide_principal, sync_to_thread=False),

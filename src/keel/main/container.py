@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -15,13 +14,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from keel.contexts.accounts.adapters.sql.repositories import SqlAccountsUnitOfWork
 from keel.contexts.accounts.domain import caching as accounts_caching
 from keel.contexts.accounts.domain.services import AccountsService
-from keel.contexts.accounts.public import PUBLIC_EVENTS, AccountsDirectory
+from keel.contexts.accounts.public import PUBLIC_EVENTS as ACCOUNT_EVENTS
+from keel.contexts.accounts.public import AccountsDirectory
 from keel.contexts.notifications.adapters import jobs as notifications_jobs
 from keel.contexts.notifications.adapters.mailers import FileMailer, SmtpMailer
 from keel.contexts.notifications.adapters.sql.repositories import SqlNotificationsUnitOfWork
 from keel.contexts.notifications.adapters.templates import JinjaTemplateRenderer
 from keel.contexts.notifications.domain.services import SEND_JOB, TRIGGERS, NotificationsService
 from keel.contexts.notifications.ports.repositories import Mailer
+from keel.contexts.payments.adapters import jobs as payments_jobs
+from keel.contexts.payments.adapters.sql.repositories import SqlPaymentsUnitOfWork
+from keel.contexts.payments.adapters.sql.sandbox import SandboxPaymentProvider
+from keel.contexts.payments.adapters.stripe_provider import StripePaymentProvider
+from keel.contexts.payments.domain import caching as payments_caching
+from keel.contexts.payments.domain.services import TRIGGERS as PAYMENT_TRIGGERS
+from keel.contexts.payments.domain.services import PaymentsService
+from keel.contexts.payments.ports.provider import PaymentProvider
+from keel.contexts.payments.public import PUBLIC_EVENTS as PAYMENT_EVENTS
+from keel.contexts.payments.public import PaymentsDirectory
 from keel.contexts.webhooks.adapters import jobs as webhooks_jobs
 from keel.contexts.webhooks.adapters.httpx_sender import HttpxWebhookSender
 from keel.contexts.webhooks.adapters.sql.repositories import SqlWebhooksUnitOfWork
@@ -43,7 +53,7 @@ from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.adapters.sql.health import SqlHealthCheck
 from keel.platform.adapters.sql.outbox import SqlOutboxRelay, outbox_jobs
 from keel.platform.cache import ReadThroughCache
-from keel.platform.domain.events import ANY_EVENT, Event, EventDispatcher, event_to_args
+from keel.platform.domain.events import ANY_EVENT, Event, EventDispatcher, event_job_id, event_to_args
 from keel.platform.ports.cache import Cache
 from keel.platform.ports.clock import Clock
 from keel.platform.ports.health import HealthCheck
@@ -70,8 +80,10 @@ class Container:
     accounts: AccountsService
     webhooks: WebhooksService
     notifications: NotificationsService
+    payments: PaymentsService
     health: HealthProbe
     webhook_sender: HttpxWebhookSender
+    payment_provider: PaymentProvider
     redis: Redis | None = None
     redis_sync: redis_sync.Redis | None = None
     _closed: bool = field(default=False, repr=False)
@@ -94,6 +106,8 @@ class Container:
         if isinstance(self.jobs, InProcessJobQueue):
             await self.jobs.stop()
         await self.webhook_sender.aclose()
+        if isinstance(self.payment_provider, StripePaymentProvider):
+            await self.payment_provider.aclose()
         if self.redis is not None:
             await self.redis.aclose()
         if self.redis_sync is not None:
@@ -109,9 +123,22 @@ def subscribe_cache_invalidation(events: EventDispatcher, cache: ReadThroughCach
     """Mutations invalidate through events; each context says which of its keys an event touches."""
 
     async def invalidate(event: Event) -> None:
-        await cache.invalidate(*accounts_caching.keys_to_invalidate(event))
+        keys = [*accounts_caching.keys_to_invalidate(event), *payments_caching.keys_to_invalidate(event)]
+        if keys:
+            await cache.invalidate(*keys)
 
     events.subscribe(ANY_EVENT, invalidate)
+
+
+# Every event a webhook may carry, with the fields of its data that may leave Keel.
+PUBLIC_EVENTS = {**ACCOUNT_EVENTS, **PAYMENT_EVENTS}
+
+
+def _payment_provider(settings: Settings, sessions: async_sessionmaker[AsyncSession], clock: Clock) -> PaymentProvider:
+    if settings.payments_provider == "stripe":
+        assert settings.stripe_secret_key is not None  # checked with the settings
+        return StripePaymentProvider(str(settings.stripe_secret_key), api_base=settings.stripe_api_base)
+    return SandboxPaymentProvider(sessions, clock, latency=settings.payments_sandbox_latency)
 
 
 def subscribe_jobs(events: EventDispatcher, jobs: JobQueue) -> None:
@@ -120,7 +147,7 @@ def subscribe_jobs(events: EventDispatcher, jobs: JobQueue) -> None:
 
     def enqueue(job_name: str) -> Callable[[Event], Awaitable[None]]:
         async def handler(event: Event) -> None:
-            job_id = str(uuid.uuid5(event.id, job_name))
+            job_id = event_job_id(event.id, job_name)
             await jobs.enqueue(job_name, {"event": event_to_args(event)}, tenant_id=event.tenant_id, job_id=job_id)
 
         return handler
@@ -129,6 +156,8 @@ def subscribe_jobs(events: EventDispatcher, jobs: JobQueue) -> None:
         events.subscribe(event_type, enqueue(FAN_OUT_JOB))
     for event_type in TRIGGERS:
         events.subscribe(event_type, enqueue(SEND_JOB))
+    for event_type, job_name in PAYMENT_TRIGGERS.items():
+        events.subscribe(event_type, enqueue(job_name))
 
 
 def build_container(settings: Settings, *, clock: Clock | None = None) -> Container:
@@ -197,17 +226,25 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         if settings.smtp_url
         else FileMailer(settings.data_dir / "mail", settings.mail_from)
     )
+    provider = _payment_provider(settings, sessions, clock)
+    payments = PaymentsService(lambda: SqlPaymentsUnitOfWork(sessions, relay), provider, jobs, clock, cache)
     notifications = NotificationsService(
         lambda: SqlNotificationsUnitOfWork(sessions, relay),
         mailer,
         JinjaTemplateRenderer(),
         AccountsDirectory(accounts),
+        PaymentsDirectory(payments),
         clock,
     )
 
     outbox_specs, outbox_periodic = outbox_jobs(relay)
-    registry.register(*outbox_specs, *webhooks_jobs.job_specs(webhooks), *notifications_jobs.job_specs(notifications))
-    periodic = [*outbox_periodic, *webhooks_jobs.PERIODIC]
+    registry.register(
+        *outbox_specs,
+        *webhooks_jobs.job_specs(webhooks),
+        *notifications_jobs.job_specs(notifications),
+        *payments_jobs.job_specs(payments),
+    )
+    periodic = [*outbox_periodic, *webhooks_jobs.PERIODIC, *payments_jobs.PERIODIC]
     if isinstance(jobs, InProcessJobQueue):
         jobs.set_periodic(periodic)
 
@@ -228,8 +265,10 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         accounts=accounts,
         webhooks=webhooks,
         notifications=notifications,
+        payments=payments,
         health=HealthProbe(checks, settings.health_timeout),
         webhook_sender=sender,
+        payment_provider=provider,
         redis=redis,
         redis_sync=sync_redis,
     )

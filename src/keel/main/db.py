@@ -19,6 +19,7 @@ def all_metadata() -> MetaData:
     """The metadata of every context's tables; importing the model modules registers them."""
     import keel.contexts.accounts.adapters.sql.models
     import keel.contexts.notifications.adapters.sql.models
+    import keel.contexts.payments.adapters.sql.models
     import keel.contexts.webhooks.adapters.sql.models
     import keel.platform.adapters.sql.outbox  # noqa: F401
 

@@ -25,6 +25,15 @@ class SettingsError(ValueError):
     pass
 
 
+class Secret(str):
+    """A setting that must never be printed: its repr (and so the settings' repr) hides it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str
     redis_url: str | None = None
@@ -52,6 +61,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jobs_concurrency: int = 4  # in-process job runners (embedded default only)
     smtp_url: str | None = None  # unset: emails are written as .eml files under the data directory
     mail_from: str = "Keel <no-reply@keel.localhost>"
+    payments_provider: Literal["sandbox", "stripe"] = "sandbox"
+    payments_sandbox_latency: float = 0.0  # seconds the sandbox provider takes per call
+    stripe_secret_key: Secret | None = None
+    stripe_api_base: str | None = None  # default: Stripe's own API; a local stub in tests
     otel_endpoint: str | None = None
     service_name: str = "keel"
 
@@ -192,6 +205,22 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kwargs["smtp_url"] = v
     if (v := get("KEEL_MAIL_FROM")) is not None:
         kwargs["mail_from"] = v
+    if (v := get("KEEL_PAYMENTS_PROVIDER")) is not None:
+        if v not in ("sandbox", "stripe"):
+            raise SettingsError(f"KEEL_PAYMENTS_PROVIDER: expected sandbox or stripe, got {v!r}")
+        kwargs["payments_provider"] = v
+    if (v := get("KEEL_PAYMENTS_SANDBOX_LATENCY")) is not None:
+        kwargs["payments_sandbox_latency"] = _float("KEEL_PAYMENTS_SANDBOX_LATENCY", v, 0, 30)
+    if (v := get("KEEL_STRIPE_SECRET_KEY")) is not None:
+        if not v.startswith(("sk_", "rk_")):
+            raise SettingsError("KEEL_STRIPE_SECRET_KEY: expected a Stripe secret or restricted key (sk_… or rk_…)")
+        kwargs["stripe_secret_key"] = Secret(v)
+    if (v := get("KEEL_STRIPE_API_BASE")) is not None:
+        if not v.startswith(("https://", "http://")):
+            raise SettingsError("KEEL_STRIPE_API_BASE: must be an http(s) URL")
+        kwargs["stripe_api_base"] = v.rstrip("/")
+    if kwargs.get("payments_provider") == "stripe" and "stripe_secret_key" not in kwargs:
+        raise SettingsError("KEEL_PAYMENTS_PROVIDER=stripe needs KEEL_STRIPE_SECRET_KEY")
     kwargs["otel_endpoint"] = get("OTEL_EXPORTER_OTLP_ENDPOINT") or get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if (v := get("OTEL_SERVICE_NAME")) is not None:
         kwargs["service_name"] = v

@@ -36,7 +36,9 @@ class EventDispatcher:
         self._handlers[event_type].append(handler)
 
     def handlers_for(self, event_type: str) -> list[EventHandler]:
-        return [*self._handlers.get(event_type, ()), *self._handlers.get(ANY_EVENT, ())]
+        # Subscribers to every event (cache invalidation) run first, so that work an event triggers
+        # (an in-process job, say) never reads what the event made stale.
+        return [*self._handlers.get(ANY_EVENT, ()), *self._handlers.get(event_type, ())]
 
     async def dispatch(self, event: Event) -> None:
         """Run every subscriber; the first failure propagates so the outbox keeps the event for a retry.
@@ -66,3 +68,9 @@ def event_from_args(args: Mapping[str, Any]) -> Event:
         occurred_at=datetime.fromisoformat(args["occurred_at"]),
         data=dict(args["data"]),
     )
+
+
+def event_job_id(event_id: uuid.UUID, job_name: str) -> str:
+    """The id of the job ``job_name`` that event ``event_id`` triggers: an event the outbox publishes
+    twice still makes one job, and whoever knows the event can point at its job."""
+    return str(uuid.uuid5(event_id, job_name))

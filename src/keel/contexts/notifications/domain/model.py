@@ -13,6 +13,8 @@ from typing import Any
 class EmailKind(enum.StrEnum):
     WELCOME = "welcome"  # to the owner, when a tenant signs up
     USER_INVITE = "user_invite"  # to a user added to a tenant
+    PAYMENT_RECEIPT = "payment_receipt"  # to the payment's customer, once it succeeded
+    REFUND_RECEIPT = "refund_receipt"  # to the payment's customer, for each settled refund
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

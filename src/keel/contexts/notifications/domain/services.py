@@ -9,13 +9,19 @@ from dataclasses import dataclass
 from keel.contexts.accounts.public import Directory
 from keel.contexts.notifications.domain.model import EmailKind, EmailRecord, EmailStatus, OutgoingEmail, message_id
 from keel.contexts.notifications.ports.repositories import Mailer, NotificationsUnitOfWork, TemplateRenderer
+from keel.contexts.payments.public import PaymentsReader, format_amount
 from keel.platform.domain.events import Event
 from keel.platform.domain.ids import new_id
 from keel.platform.ports.clock import Clock
 
 SEND_JOB = "notifications.send_for_event"
 # Events that owe an email.
-TRIGGERS = {"tenant.created": EmailKind.WELCOME, "user.created": EmailKind.USER_INVITE}
+TRIGGERS = {
+    "tenant.created": EmailKind.WELCOME,
+    "user.created": EmailKind.USER_INVITE,
+    "payment.succeeded": EmailKind.PAYMENT_RECEIPT,
+    "payment.refunded": EmailKind.REFUND_RECEIPT,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +37,7 @@ class NotificationsService:
         mailer: Mailer,
         renderer: TemplateRenderer,
         directory: Directory,
+        payments: PaymentsReader,
         clock: Clock,
         *,
         message_id_domain: str = "keel.localhost",
@@ -39,6 +46,7 @@ class NotificationsService:
         self._mailer = mailer
         self._renderer = renderer
         self._directory = directory
+        self._payments = payments
         self._clock = clock
         self._domain = message_id_domain
 
@@ -47,11 +55,29 @@ class NotificationsService:
         d = event.data
         if kind is EmailKind.WELCOME:
             return Draft(to=d["owner_email"], values={"name": d["owner_name"], "organization": d["name"]})
-        user = await self._directory.find_user(event.tenant_id, uuid.UUID(d["user_id"]))
         tenant = await self._directory.find_tenant(event.tenant_id)
-        if user is None or tenant is None:
+        if tenant is None:
             return None
-        return Draft(to=user.email, values={"name": user.name, "organization": tenant.name})
+        if kind is EmailKind.USER_INVITE:
+            user = await self._directory.find_user(event.tenant_id, uuid.UUID(d["user_id"]))
+            if user is None:
+                return None
+            return Draft(to=user.email, values={"name": user.name, "organization": tenant.name})
+        payment = await self._payments.find_payment(event.tenant_id, uuid.UUID(d["payment_id"]))
+        if payment is None or payment.customer_email is None:
+            return None  # no customer email given: the tenant sends its own receipts
+        values: dict[str, object] = {
+            "organization": tenant.name,
+            "amount": payment.amount_display,
+            "description": payment.description,
+            "payment_id": str(payment.id),
+            "paid_at": payment.created_at.strftime("%Y-%m-%d %H:%M UTC"),
+        }
+        if kind is EmailKind.REFUND_RECEIPT:
+            # The event names the refund this email is for; the payment says what is refunded by now.
+            values["refund_amount"] = format_amount(int(d["refund_amount"]), payment.currency)
+            values["refunded_total"] = payment.amount_refunded_display
+        return Draft(to=payment.customer_email, values=values)
 
     async def send_for_event(self, event: Event) -> str:
         kind = TRIGGERS.get(event.type)
@@ -59,7 +85,7 @@ class NotificationsService:
             return "no email for this event"
         draft = await self._draft(kind, event)
         if draft is None:
-            return "skipped: recipient no longer exists"
+            return "skipped: no recipient (it no longer exists, or none was given)"
         async with self._uow() as uow:
             record = await uow.emails.find(event.id, kind, draft.to)
             if record is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Controller, Response, get
@@ -18,6 +18,8 @@ from keel.platform.domain.errors import NotFound
 from keel.platform.domain.jobs import JobInfo, JobStatus
 from keel.platform.domain.tenancy import Principal
 from keel.platform.ports.jobs import JobQueue
+
+B = TypeVar("B")
 
 
 class JobErrorOut(msgspec.Struct, frozen=True):
@@ -58,11 +60,17 @@ class JobAccepted(msgspec.Struct, frozen=True):
     status_url: str
 
 
+def job_status_url(job_id: str) -> str:
+    return f"/v1/jobs/{job_id}"
+
+
+def accepted_as(body: B, job_id: str) -> Response[B]:
+    """``202 Accepted`` with ``Location`` pointing at the job's status."""
+    return Response(body, status_code=HTTP_202_ACCEPTED, headers={"Location": job_status_url(job_id)})
+
+
 def accepted(job_id: str) -> Response[JobAccepted]:
-    location = f"/v1/jobs/{job_id}"
-    return Response(
-        JobAccepted(job_id=job_id, status_url=location), status_code=HTTP_202_ACCEPTED, headers={"Location": location}
-    )
+    return accepted_as(JobAccepted(job_id=job_id, status_url=job_status_url(job_id)), job_id)
 
 
 class JobController(Controller):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
+from msgspec import Meta
 
 T = TypeVar("T")
 
@@ -12,6 +13,17 @@ T = TypeVar("T")
 # name (bidi overrides and isolates, zero-width characters, BOM), no surrounding whitespace.
 _BAD = r"\x00-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
 TEXT_PATTERN = rf"^[^\s{_BAD}](?:[^{_BAD}]*[^\s{_BAD}])?$"
+
+Email = Annotated[
+    str,
+    Meta(
+        min_length=3,
+        max_length=320,
+        pattern=r"^[^@\s\x00-\x1f\x7f]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$",
+        description="Email address.",
+        examples=["ada@example.com"],
+    ),
+]
 
 
 class StrictInput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

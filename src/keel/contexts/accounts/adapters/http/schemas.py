@@ -10,20 +10,10 @@ import msgspec
 from msgspec import Meta
 
 from keel.contexts.accounts.domain.model import ApiKey, Role, Tenant, TenantConfig, User
-from keel.platform.adapters.http.schemas import TEXT_PATTERN, StrictInput
+from keel.platform.adapters.http.schemas import TEXT_PATTERN, Email, StrictInput
 
 _TEXT = TEXT_PATTERN
 
-Email = Annotated[
-    str,
-    Meta(
-        min_length=3,
-        max_length=320,
-        pattern=r"^[^@\s\x00-\x1f\x7f]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$",
-        description="Email address.",
-        examples=["ada@example.com"],
-    ),
-]
 PersonName = Annotated[str, Meta(min_length=1, max_length=200, pattern=_TEXT, examples=["Ada Lovelace"])]
 OrgName = Annotated[str, Meta(min_length=1, max_length=200, pattern=_TEXT, examples=["Analytical Engines Ltd"])]
 KeyName = Annotated[str, Meta(min_length=1, max_length=100, pattern=_TEXT, examples=["ci-pipeline"])]
