@@ -116,7 +116,13 @@ class Payment:
             raise RefundExceedsPayment(wanted, self.refundable)
         return self._changed(now, amount_refunding=self.amount_refunding + wanted), wanted
 
+    def _require_reserved(self, amount: int) -> None:
+        self._require(REFUNDABLE, "refunded")
+        if not 0 < amount <= self.amount_refunding:
+            raise IllegalTransition("No refund of that amount is in progress on this payment.")
+
     def settle_refund(self, amount: int, now: datetime) -> Payment:
+        self._require_reserved(amount)
         refunded = self.amount_refunded + amount
         status = PaymentStatus.REFUNDED if refunded >= self.amount else PaymentStatus.PARTIALLY_REFUNDED
         return self._changed(
@@ -124,6 +130,7 @@ class Payment:
         )
 
     def release_refund(self, amount: int, now: datetime) -> Payment:
+        self._require_reserved(amount)
         return self._changed(now, amount_refunding=self.amount_refunding - amount)
 
 

@@ -9,6 +9,7 @@ per refund, so a retried job never moves money twice.
 
 from __future__ import annotations
 
+import string
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ TRIGGERS = {"payment.created": CAPTURE_JOB, "refund.created": REFUND_JOB}
 # A payment or refund still pending this long after its last change, with no live job, lost its job.
 STALE_AFTER = timedelta(minutes=10)
 _SAVE_ATTEMPTS = 5
+# Lower-cases A-Z only: str.lower() can lengthen a string ("İ" becomes two characters) past the column.
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 T = TypeVar("T")
 
@@ -126,7 +129,7 @@ class PaymentsService:
             currency=currency,
             payment_method=cmd.payment_method,
             description=cmd.description,
-            customer_email=cmd.customer_email.lower() if cmd.customer_email else None,
+            customer_email=cmd.customer_email.translate(_ASCII_LOWER) if cmd.customer_email else None,
             metadata=dict(cmd.metadata),
             status=PaymentStatus.PENDING,
             provider=self._provider.name,
@@ -235,6 +238,15 @@ class PaymentsService:
                 )
             )
 
+    def _other_provider(self, payment: Payment) -> ProviderResult:
+        """A payment made through another provider than the configured one (the setting changed)."""
+        return ProviderResult(
+            failure=Failure(
+                reason=FailureReason.PROVIDER_ERROR,
+                message=f"The payment was made with provider {payment.provider!r}, which is not configured.",
+            )
+        )
+
     async def capture(self, tenant_id: uuid.UUID, payment_id: uuid.UUID, *, final_attempt: bool = False) -> str:
         """Charge a pending payment once; raises ``ProviderUnavailable`` for the job to retry, unless this
         is its last attempt (then the payment fails with ``provider_unavailable``)."""
@@ -245,12 +257,7 @@ class PaymentsService:
         if payment.status is not PaymentStatus.PENDING:
             return f"already {payment.status.value}"
         if payment.provider != self._provider.name:
-            result = ProviderResult(
-                failure=Failure(
-                    reason=FailureReason.PROVIDER_ERROR,
-                    message=f"The payment was created for provider {payment.provider!r}, which is not configured.",
-                )
-            )
+            result = self._other_provider(payment)
         else:
             order = ChargeOrder(
                 idempotency_key=capture_key(payment.id),
@@ -292,14 +299,17 @@ class PaymentsService:
             return "skipped: no such refund"
         if refund.status is not RefundStatus.PENDING:
             return f"already {refund.status.value}"
-        order = RefundOrder(
-            idempotency_key=refund_key(refund.id),
-            charge_reference=payment.provider_reference or "",
-            amount=refund.amount,
-            currency=refund.currency,
-            reason=refund.reason,
-        )
-        result = await self._ask_provider(self._provider.refund(order), final_attempt=final_attempt)
+        if payment.provider != self._provider.name:
+            result = self._other_provider(payment)
+        else:
+            order = RefundOrder(
+                idempotency_key=refund_key(refund.id),
+                charge_reference=payment.provider_reference or "",
+                amount=refund.amount,
+                currency=refund.currency,
+                reason=refund.reason,
+            )
+            result = await self._ask_provider(self._provider.refund(order), final_attempt=final_attempt)
 
         async def settle(uow: PaymentsUnitOfWork) -> str | None:
             current = await uow.refunds.get(tenant_id, refund_id)
