@@ -90,7 +90,8 @@ def _field_error(message: str, key: str | None, source: object) -> FieldError:
         # The raw pattern helps nobody; the OpenAPI document carries it for those who want it.
         message = "Invalid format."
     if source in (None, "body"):
-        parts = [p for p in re.split(r"\.|\[(\d+)\]", key or "") if p]
+        # msgspec paths: "data.items[2].name"; a dict value is "[...]" (msgspec does not name the key).
+        parts = [p for p in re.split(r"\.|\[(\d+)\]|\[\.\.\.\]", key or "") if p]
         if parts[:1] == ["data"]:
             parts = parts[1:]
         escaped = "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
