@@ -16,7 +16,7 @@ import pytest
 
 from keel.contexts.notifications.adapters.mailers import FileMailer, SmtpMailer
 from keel.contexts.notifications.adapters.templates import JinjaTemplateRenderer
-from keel.contexts.notifications.domain.model import EmailKind, OutgoingEmail, message_id
+from keel.contexts.notifications.domain.model import EmailKind, OutgoingEmail, Rendered, message_id
 from keel.contexts.notifications.ports.repositories import Mailer
 from keel.platform.domain.ids import new_id
 from tests.support.servers import free_port
@@ -64,7 +64,8 @@ def body(msg: EmailMessage, subtype: str) -> str:
 
 def rendered_email(kind: EmailKind = EmailKind.WELCOME, **values: str) -> OutgoingEmail:
     event_id = new_id()
-    r = JinjaTemplateRenderer().render(kind, {"name": "Ada Lovelace", "organization": "Acme", **values})
+    defaults = {"name": "Ada Lovelace"} if FREE_TEXT[kind] == "name" else VALUES[kind]
+    r = JinjaTemplateRenderer().render(kind, {**defaults, "organization": "Acme", **values})
     return OutgoingEmail(
         to="ada@acme.test",
         subject=r.subject,
@@ -109,6 +110,22 @@ async def test_non_ascii_names_survive_the_transport(transport: Transport) -> No
     assert msg["Subject"] == "You have been added to Ünïcode GmbH — Köln"
     assert "Hello Zoë Ångström," in body(msg, "plain")
     assert "<strong>Ünïcode GmbH — Köln</strong>" in body(msg, "html")
+
+
+async def test_a_refund_email_with_non_ascii_text_survives_the_transport(transport: Transport) -> None:
+    email = rendered_email(
+        EmailKind.REFUND_RECEIPT, organization="Ünïcode GmbH — Köln", description="Bestellung № 1042 (Größe L) 🦀"
+    )
+    await transport.mailer.send(email)
+
+    [raw] = transport.delivered()
+    msg = parse(raw)
+    assert msg["Subject"] == "Ünïcode GmbH — Köln refunded 23.45 EUR"
+    assert [p.get_content_type() for p in msg.iter_parts()] == ["text/plain", "text/html"]
+    assert body(msg, "plain") == email.text
+    assert body(msg, "html") == email.html
+    assert "For: Bestellung № 1042 (Größe L) 🦀\n" in body(msg, "plain")
+    assert "Refunded so far: 73.45 EUR" in body(msg, "plain")
 
 
 async def test_a_header_value_with_a_line_break_is_refused_not_injected(transport: Transport) -> None:
@@ -171,36 +188,125 @@ async def test_file_mailer_keeps_hostile_message_ids_inside_its_directory(tmp_pa
 
 # -- templates ----------------------------------------------------------------------------------------------
 
+PAYMENT_ID = "0197a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+# Every value each kind's templates take (the service may supply more: refunds also get paid_at).
+VALUES: dict[EmailKind, dict[str, str]] = {
+    EmailKind.WELCOME: {"name": "Ada", "organization": "Acme"},
+    EmailKind.USER_INVITE: {"name": "Ada", "organization": "Acme"},
+    EmailKind.PAYMENT_RECEIPT: {
+        "organization": "Acme",
+        "amount": "123.45 EUR",
+        "description": "Order #1042",
+        "payment_id": PAYMENT_ID,
+        "paid_at": "2026-11-24 03:10 UTC",
+    },
+    EmailKind.REFUND_RECEIPT: {
+        "organization": "Acme",
+        "amount": "123.45 EUR",
+        "description": "Order #1042",
+        "payment_id": PAYMENT_ID,
+        "refund_amount": "23.45 EUR",
+        "refunded_total": "73.45 EUR",
+    },
+}
+# The person-supplied text of each kind besides the organization: what a hostile tenant or user controls.
+FREE_TEXT = {
+    EmailKind.WELCOME: "name",
+    EmailKind.USER_INVITE: "name",
+    EmailKind.PAYMENT_RECEIPT: "description",
+    EmailKind.REFUND_RECEIPT: "description",
+}
+
+
+def render(kind: EmailKind, **changes: str) -> Rendered:
+    return JinjaTemplateRenderer().render(kind, {**VALUES[kind], **changes})
+
+
+def test_every_kind_has_template_values() -> None:
+    assert set(VALUES) == set(EmailKind) == set(FREE_TEXT)
+
 
 @pytest.mark.parametrize("kind", list(EmailKind))
 def test_every_kind_renders_subject_text_and_html(kind: EmailKind) -> None:
-    r = JinjaTemplateRenderer().render(kind, {"name": "Ada", "organization": "Acme"})
+    r = render(kind)
     assert "Acme" in r.subject
     assert r.subject == r.subject.strip()
     assert "\n" not in r.subject
-    assert "Hello Ada," in r.text
-    assert "Hello Ada," in r.html
     assert r.html.lstrip().lower().startswith("<!doctype html>")
+    # Every value it is given shows up in both parts: none is silently dropped.
+    for name, value in VALUES[kind].items():
+        assert value in r.text, f"{kind}: {name} missing from the text part"
+        assert value in r.html, f"{kind}: {name} missing from the HTML part"
+    if "name" in VALUES[kind]:
+        assert "Hello Ada," in r.text
+        assert "Hello Ada," in r.html
+
+
+def test_the_payment_receipt_reads_as_a_receipt() -> None:
+    r = render(EmailKind.PAYMENT_RECEIPT)
+    assert r.subject == "Your receipt from Acme: 123.45 EUR"
+    assert r.text == (
+        "Thank you for your payment to Acme.\n"
+        "\n"
+        "Amount paid: 123.45 EUR\n"
+        "For: Order #1042\n"
+        "Date: 2026-11-24 03:10 UTC\n"
+        f"Payment reference: {PAYMENT_ID}\n"
+        "\n"
+        "Keep this email as your receipt.\n"
+    )
+    assert "<strong>123.45 EUR</strong>" in r.html
+    assert f"<code>{PAYMENT_ID}</code>" in r.html
+
+
+def test_the_refund_email_names_the_refund_the_payment_and_the_total() -> None:
+    r = render(EmailKind.REFUND_RECEIPT)
+    assert r.subject == "Acme refunded 23.45 EUR"
+    assert r.text == (
+        "Acme has refunded 23.45 EUR of your payment of 123.45 EUR.\n"
+        "\n"
+        "For: Order #1042\n"
+        f"Payment reference: {PAYMENT_ID}\n"
+        "Refunded so far: 73.45 EUR\n"
+        "\n"
+        "Depending on your bank, the money reaches your account within 5 to 10 business days.\n"
+    )
+    assert "<strong>Acme</strong> has refunded <strong>23.45 EUR</strong>" in r.html
+    assert "<td>73.45 EUR</td>" in r.html
+
+
+@pytest.mark.parametrize("kind", [EmailKind.PAYMENT_RECEIPT, EmailKind.REFUND_RECEIPT])
+def test_an_empty_description_leaves_its_line_out(kind: EmailKind) -> None:
+    r = render(kind, description="")
+    assert "For:" not in r.text
+    assert "<td>For</td>" not in r.html
+    assert "\n\n\n" not in r.text
+    assert f"Payment reference: {PAYMENT_ID}\n" in r.text
 
 
 @pytest.mark.parametrize("kind", list(EmailKind))
 def test_html_is_autoescaped_and_text_is_verbatim(kind: EmailKind) -> None:
-    r = JinjaTemplateRenderer().render(kind, {"name": "<b>x</b>", "organization": "R&D <script>alert(1)</script>"})
+    free = FREE_TEXT[kind]
+    r = render(kind, **{free: "<b>x</b>", "organization": "R&D <script>alert(1)</script>"})
     assert "<b>x</b>" not in r.html
     assert "&lt;b&gt;x&lt;/b&gt;" in r.html
     assert "<script>" not in r.html
     assert "R&amp;D &lt;script&gt;" in r.html
-    assert "Hello <b>x</b>," in r.text
+    assert "<b>x</b>" in r.text
     assert "R&D <script>alert(1)</script>" in r.text
     assert "R&D <script>alert(1)</script>" in r.subject
+    if free == "name":
+        assert "Hello <b>x</b>," in r.text
 
 
-@pytest.mark.parametrize("kind", list(EmailKind))
-def test_a_missing_value_fails_loudly(kind: EmailKind) -> None:
-    with pytest.raises(jinja2.UndefinedError, match="organization"):
-        JinjaTemplateRenderer().render(kind, {"name": "Ada"})
-    with pytest.raises(jinja2.UndefinedError, match="name"):
-        JinjaTemplateRenderer().render(kind, {"organization": "Acme"})
+@pytest.mark.parametrize(
+    ("kind", "missing"),
+    [(kind, name) for kind in EmailKind for name in VALUES[kind]],
+)
+def test_a_missing_value_fails_loudly(kind: EmailKind, missing: str) -> None:
+    values = {k: v for k, v in VALUES[kind].items() if k != missing}
+    with pytest.raises(jinja2.UndefinedError, match=missing):
+        JinjaTemplateRenderer().render(kind, values)
 
 
 async def test_autoescaped_html_arrives_escaped_through_a_transport(transport: Transport) -> None:

@@ -1,4 +1,5 @@
-"""In-memory notifications storage (stage, then commit), a recording mailer and a fake directory."""
+"""In-memory notifications storage (stage, then commit), a recording mailer, a fake directory and a fake
+payments reader."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from keel.contexts.accounts.public import TenantSummary, UserSummary
 from keel.contexts.notifications.adapters.templates import JinjaTemplateRenderer
 from keel.contexts.notifications.domain.model import EmailKind, EmailRecord, EmailStatus, OutgoingEmail
 from keel.contexts.notifications.domain.services import NotificationsService
+from keel.contexts.payments.domain.model import Payment, PaymentStatus
+from keel.contexts.payments.public import PaymentSummary, format_amount
 from keel.platform.domain.events import Event
 from keel.platform.ports.clock import Clock
 
@@ -151,10 +154,90 @@ class FakeDirectory:
         return u if u is not None and u.tenant_id == tenant_id else None
 
 
+class FakePayments:
+    """The payments context's read-only view (``PaymentsReader``) over real ``Payment`` values the test
+    adds and changes through the payment model itself (captures, refunds), so the summaries it answers
+    are what the payments context would report at that moment."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self.payments: dict[uuid.UUID, Payment] = {}
+        self.lookups: list[tuple[uuid.UUID, uuid.UUID]] = []  # (tenant id, payment id), one per find
+
+    def add_payment(
+        self,
+        tenant: TenantSummary,
+        amount: int,
+        currency: str = "EUR",
+        *,
+        customer_email: str | None = "buyer@example.test",
+        description: str = "Order #1042",
+        succeeded: bool = True,
+    ) -> Payment:
+        now = self._clock.now()
+        p = Payment(
+            id=uuid.uuid4(),
+            tenant_id=tenant.id,
+            amount=amount,
+            currency=currency,
+            payment_method="pm_card_visa",
+            description=description,
+            customer_email=customer_email,
+            metadata={},
+            status=PaymentStatus.PENDING,
+            provider="sandbox",
+            created_at=now,
+            updated_at=now,
+        )
+        if succeeded:
+            p = p.succeed(f"ch_fake_{p.id.hex[:8]}", now)
+        self.payments[p.id] = p
+        return p
+
+    def refund(self, payment_id: uuid.UUID, amount: int) -> Payment:
+        """Reserve and settle a refund of ``amount``, as the refund job does once the provider agreed."""
+        now = self._clock.now()
+        reserved, taken = self.payments[payment_id].reserve_refund(amount, now)
+        self.payments[payment_id] = reserved.settle_refund(taken, now)
+        return self.payments[payment_id]
+
+    def remove(self, payment_id: uuid.UUID) -> None:
+        del self.payments[payment_id]
+
+    async def find_payment(self, tenant_id: uuid.UUID, payment_id: uuid.UUID) -> PaymentSummary | None:
+        self.lookups.append((tenant_id, payment_id))
+        p = self.payments.get(payment_id)
+        if p is None or p.tenant_id != tenant_id:
+            return None
+        return PaymentSummary(
+            id=p.id,
+            tenant_id=p.tenant_id,
+            amount=p.amount,
+            amount_refunded=p.amount_refunded,
+            currency=p.currency,
+            amount_display=format_amount(p.amount, p.currency),
+            amount_refunded_display=format_amount(p.amount_refunded, p.currency),
+            status=p.status.value,
+            description=p.description,
+            customer_email=p.customer_email,
+            provider_reference=p.provider_reference,
+            created_at=p.created_at,
+        )
+
+
 def notifications_service(
-    state: NotificationsState, mailer: RecordingMailer, directory: FakeDirectory, clock: Clock
+    state: NotificationsState,
+    mailer: RecordingMailer,
+    directory: FakeDirectory,
+    clock: Clock,
+    payments: FakePayments | None = None,
 ) -> NotificationsService:
     """The notifications service as the composition root wires it, on in-memory adapters (real templates)."""
     return NotificationsService(
-        lambda: InMemoryNotificationsUnitOfWork(state), mailer, JinjaTemplateRenderer(), directory, clock
+        lambda: InMemoryNotificationsUnitOfWork(state),
+        mailer,
+        JinjaTemplateRenderer(),
+        directory,
+        payments if payments is not None else FakePayments(clock),
+        clock,
     )

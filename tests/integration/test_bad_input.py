@@ -9,6 +9,13 @@ bad Authorization and junk X-Request-ID headers, wrong methods and unknown sub-p
 Webhook endpoints take a URL (https, no credentials, no private targets), a list of event types, a
 description and a flag; their deliveries and the jobs that retry them are addressed by id.
 
+Payments take an amount (minor units, 1 to 99,999,999), an ISO 4217 currency Keel knows, a payment
+method token, a description, a customer email and string metadata; refunds an optional body (amount,
+reason). Both POSTs require an ``Idempotency-Key`` (a fresh one is added to every request, so that each
+reaches validation; its own cases test the header). The refund cases address a declined payment: a
+well-formed refund gets through validation and is refused by the service with a 409, so every case has
+one exact answer and nothing is refunded. Payment lists take filters (status, created range).
+
 Every response must be below 500; every 4xx must be RFC 9457 problem+json whose ``status`` is the
 HTTP status and which carries the request id; cases with a clear answer (400, 401, 404, 405, 413,
 415, 422) must get exactly that. Finally, the tenant's data (and the row counts of every table)
@@ -20,14 +27,16 @@ in ``ENDPOINTS`` fails the suite.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
 import os
 import re
+import string
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
@@ -79,6 +88,7 @@ class Case:
     sent: dict[str, Any] | None = None  # body values that must come back verbatim on success
     target: str | None = None  # id of the resource the request addresses, if any
     request_id: bytes | None = None  # the X-Request-ID sent, if any
+    replayed: bool | None = None  # a success must (True) or must not (False) be an idempotent replay
 
     @property
     def label(self) -> str:
@@ -192,10 +202,15 @@ def check(case: Case, r: Result, echo: Callable[[Any], dict[str, Any]] | None) -
                         fail("problem lacks type/title")
                     if problem.get("request_id") != rid or not rid:
                         fail(f"problem request_id {problem.get('request_id')!r} != X-Request-ID {rid!r}")
-                    if r.status == 422 and not problem.get("errors"):
+                    # Validation failures list their errors; a reused Idempotency-Key is about the request
+                    # as a whole.
+                    reused = problem.get("type") == "/problems/idempotency-key-reused"
+                    if r.status == 422 and not problem.get("errors") and not reused:
                         fail("422 without an `errors` list")
         if r.status == 401 and "www-authenticate" not in r.headers:
             fail("401 without WWW-Authenticate")
+    elif case.replayed is not None and (r.headers.get("idempotent-replayed") == "true") != case.replayed:
+        fail("expected an idempotent replay" if case.replayed else "answered as a replay")
     elif 200 <= r.status < 300 and case.sent and echo is not None:
         got = echo(r.json())
         for name, value in case.sent.items():
@@ -224,6 +239,9 @@ class Ctx:
     victim_endpoint: str
     victim_delivery: str
     job: str  # a job of the tenant (the manual retry of the victim delivery)
+    victim_payment: str  # succeeded, refunded in part
+    victim_refund: str  # its refund
+    declined_payment: str  # failed: nothing can be refunded
     counter: Iterable[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -280,6 +298,8 @@ async def make_ctx(client: Client, tenant: dict[str, Any]) -> Ctx:
     await _settle_deliveries(client, headers, endpoint_id, attempts=5)
     off = await client.patch(f"/v1/webhook-endpoints/{endpoint_id}", headers=headers, json={"enabled": False})
     assert off.status_code == 200, off.text
+    payment, refund, declined = await _victim_payments(client, headers)
+    await quiet(client)
     routes: dict[str, set[str]] = {}
     for method, template in app_endpoints(client.app):
         routes.setdefault(template, set()).add(method)
@@ -297,12 +317,83 @@ async def make_ctx(client: Client, tenant: dict[str, Any]) -> Ctx:
         victim_endpoint=endpoint_id,
         victim_delivery=delivery,
         job=retry.json()["job_id"],
+        victim_payment=payment,
+        victim_refund=refund,
+        declined_payment=declined,
     )
+
+
+async def _reached(client: Client, headers: dict[str, str], path: str, status: str) -> None:
+    async def probe() -> bool:
+        r = await client.get(path, headers=headers)
+        assert r.status_code == 200, r.text
+        return bool(r.json()["status"] == status)
+
+    await eventually(probe)
+
+
+async def _victim_payments(client: Client, headers: dict[str, str]) -> tuple[str, str, str]:
+    """A succeeded payment with a settled refund, and a declined payment; returns their ids."""
+    ids: list[str] = []
+    for method in ("pm_card_visa", "pm_card_chargeDeclined"):
+        r = await client.post(
+            "/v1/payments",
+            headers={**headers, "Idempotency-Key": f"victim-{method}"},
+            json={"amount": 5_000, "currency": "EUR", "payment_method": method, "description": "Victim"},
+        )
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["payment"]["id"])
+    payment, declined = ids
+    await _reached(client, headers, f"/v1/payments/{payment}", "succeeded")
+    await _reached(client, headers, f"/v1/payments/{declined}", "failed")
+    r = await client.post(
+        f"/v1/payments/{payment}/refunds", headers={**headers, "Idempotency-Key": "victim-refund"}, json={"amount": 1}
+    )
+    assert r.status_code == 202, r.text
+    refund = r.json()["refund"]["id"]
+    await _reached(client, headers, f"/v1/payments/{payment}/refunds/{refund}", "succeeded")
+    await _reached(client, headers, f"/v1/payments/{payment}", "partially_refunded")
+    return payment, refund, declined
+
+
+async def quiet(client: Client) -> None:
+    """Wait until the app has no background work left: every event published and every job run."""
+    container = client.app.state["container"]
+
+    async def pending() -> int:
+        return int(await container.relay.pending())
+
+    async def idle() -> bool:
+        waiting = await asyncio.to_thread(client.blocking_portal.call, pending)
+        return bool(waiting == 0 and container.jobs.idle)
+
+    await eventually(idle, within=60)
+
+
+async def settle_payments(client: Client, headers: dict[str, str]) -> None:
+    """Wait until no payment of the tenant is pending (their capture jobs ran) and the app is quiet."""
+
+    async def settled() -> bool:
+        return all(p["status"] != "pending" for p in await _all(client, "/v1/payments", headers))
+
+    await eventually(settled, within=60)
+    await quiet(client)
 
 
 REVOKED = "<revoked>"
 ROTATED = "<rotated>"
-TABLES = ("tenants", "users", "api_keys", "webhook_endpoints", "webhook_deliveries", "webhook_attempts")
+TABLES = (
+    "tenants",
+    "users",
+    "api_keys",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "webhook_attempts",
+    "payments",
+    "payment_refunds",
+)
+# What the capture job may still change about a payment created during the run; everything else is fixed.
+SETTLED_BY_JOB = {"status", "provider_reference", "failure_reason", "failure_message", "updated_at"}
 
 
 @dataclass
@@ -313,6 +404,8 @@ class State:
     rows: dict[str, int]
     endpoints: dict[str, dict[str, Any]]
     deliveries: dict[str, list[dict[str, Any]]]  # endpoint id -> its delivery history
+    payments: dict[str, dict[str, Any]]
+    refunds: dict[str, list[dict[str, Any]]]  # payment id -> its refunds
 
 
 def _endpoint_id(path: str) -> str | None:
@@ -346,6 +439,7 @@ async def snapshot(ctx: Ctx, pg_url: str) -> State:
     finally:
         await conn.close()
     endpoints = {e["id"]: e for e in await _all(ctx.client, "/v1/webhook-endpoints", headers)}
+    payments = {p["id"]: p for p in await _all(ctx.client, "/v1/payments", headers)}
     return State(
         tenant=tenant.json(),
         users={u["id"]: u for u in await _all(ctx.client, "/v1/users", headers)},
@@ -353,6 +447,8 @@ async def snapshot(ctx: Ctx, pg_url: str) -> State:
         rows=rows,
         endpoints=endpoints,
         deliveries={e: await _all(ctx.client, f"/v1/webhook-endpoints/{e}/deliveries", headers) for e in endpoints},
+        payments=payments,
+        refunds={p: await _all(ctx.client, f"/v1/payments/{p}/refunds", headers) for p in payments},
     )
 
 
@@ -387,6 +483,13 @@ class Model:
             case ("DELETE", "/v1/webhook-endpoints/{endpoint_id:uuid}"):
                 self.state.endpoints.pop(str(_endpoint_id(case.path)), None)
                 self.state.deliveries.pop(str(_endpoint_id(case.path)), None)
+            case ("POST", "/v1/payments"):
+                payment = r.json()["payment"]
+                self.state.payments[payment["id"]] = payment
+                self.state.refunds.setdefault(payment["id"], [])
+            case ("POST", "/v1/payments/{payment_id:uuid}/refunds"):
+                refund = r.json()["refund"]
+                self.state.refunds.setdefault(refund["payment_id"], []).append(refund)
             case ("POST", "/v1/webhook-endpoints/{endpoint_id:uuid}/rotate-secret"):
                 eid = str(_endpoint_id(case.path))
                 if eid in self.state.endpoints:
@@ -424,6 +527,20 @@ class Model:
                     f"deliveries of {eid}: expected {want.deliveries.get(eid)}, found {after.deliveries.get(eid)}"
                 )
 
+        for pid in sorted(set(want.payments) | set(after.payments)):
+            w, a = want.payments.get(pid), after.payments.get(pid)
+            if w is not None and a is not None and pid not in before.payments:
+                # Created during the run: its capture job settled it since the 202 (pending) answer.
+                if a["status"] not in ("succeeded", "failed"):
+                    out.append(f"payment {pid} is {a['status']}, not settled")
+                w = {**w, **{k: a[k] for k in SETTLED_BY_JOB}}
+                w["amount_refundable"] = a["amount"] if a["status"] == "succeeded" else 0
+            if w != a:
+                out.append(f"payment {pid}: expected {w}, found {a}")
+        for pid in sorted(set(want.refunds) | set(after.refunds)):
+            if [r["id"] for r in want.refunds.get(pid, [])] != [r["id"] for r in after.refunds.get(pid, [])]:
+                out.append(f"refunds of {pid}: expected {want.refunds.get(pid)}, found {after.refunds.get(pid)}")
+
         def history(s: State) -> tuple[int, int]:
             deliveries = [d for ds in s.deliveries.values() for d in ds]
             return len(deliveries), sum(len(d["attempts"]) for d in deliveries)
@@ -436,6 +553,10 @@ class Model:
             "webhook_endpoints": before.rows["webhook_endpoints"] + len(want.endpoints) - len(before.endpoints),
             "webhook_deliveries": before.rows["webhook_deliveries"] + want_deliveries - had_deliveries,
             "webhook_attempts": before.rows["webhook_attempts"] + want_attempts - had_attempts,
+            "payments": before.rows["payments"] + len(want.payments) - len(before.payments),
+            "payment_refunds": before.rows["payment_refunds"]
+            + sum(map(len, want.refunds.values()))
+            - sum(map(len, before.refunds.values())),
         }
         if after.rows != expected_rows:
             out.append(f"row counts: expected {expected_rows}, found {after.rows}")
@@ -447,13 +568,21 @@ class Model:
 # --------------------------------------------------------------------------------------------------
 
 
+def ascii_lower(value: str) -> str:
+    return value.translate(str.maketrans(string.ascii_uppercase, string.ascii_lowercase))
+
+
 @dataclass(frozen=True)
 class Field:
     name: str
-    kind: str  # text | email | timezone | locale | rate | url | event-types | bool
+    # text | email | timezone | locale | rate | url | event-types | bool, or a kind of CHOICES
+    kind: str
     max_len: int = 0
     required: bool = True
     empty_ok: bool = False  # "" is a valid value (an optional text cleared)
+    nullable: bool = False  # null is a valid value (an optional email left out)
+    unique: bool = True  # emails: the value is unique in the tenant (a reused one may be a 409)
+    fold: Callable[[str], str] = str.lower  # emails: how the stored address is case-folded
 
 
 @dataclass(frozen=True)
@@ -461,6 +590,7 @@ class Body:
     fields: tuple[Field, ...]
     valid: Callable[[Ctx], dict[str, Any]]
     echo: Callable[[Any], dict[str, Any]]  # response JSON -> {input field: value as returned}
+    optional: bool = False  # the whole body may be left out (or be null)
 
 
 @dataclass(frozen=True)
@@ -474,6 +604,9 @@ class Endpoint:
     # A well-formed request that must not change anything (DELETE: a missing id), for header-level cases.
     safe: Callable[[Ctx], str] | None = None
     safe_ok: frozenset[int] | None = None
+    idempotent: bool = False  # requires an Idempotency-Key
+    # Filters of a list: (case name, query string, "ok" | "bad" | "lax").
+    filters: tuple[tuple[str, str, str], ...] = ()
 
 
 def _ok(*codes: int) -> frozenset[int]:
@@ -541,6 +674,54 @@ WEBHOOK_PATCH = Body(
 )
 HOOKS = "/v1/webhook-endpoints"
 
+PAYMENT_IN = Body(
+    fields=(
+        Field("amount", "amount"),
+        Field("currency", "currency"),
+        Field("payment_method", "payment-method"),
+        Field("description", "text", 500, required=False, empty_ok=True),
+        Field("customer_email", "email", 320, required=False, nullable=True, unique=False, fold=ascii_lower),
+        Field("metadata", "metadata", required=False),
+    ),
+    valid=lambda c: {"amount": 2500, "currency": "EUR", "payment_method": "pm_card_visa"},
+    echo=lambda b: dict(b["payment"]),
+)
+REFUND_IN = Body(
+    fields=(Field("amount", "amount", required=False), Field("reason", "refund-reason", required=False)),
+    valid=lambda c: {"amount": 100, "reason": "requested_by_customer"},
+    echo=lambda b: dict(b["refund"]),
+    optional=True,
+)
+PAYMENTS = "/v1/payments"
+PAYMENT_FILTERS: tuple[tuple[str, str, str], ...] = (
+    ("status", "status=succeeded", "ok"),
+    ("status-partially-refunded", "status=partially_refunded", "ok"),
+    ("status-bogus", "status=bogus", "bad"),
+    ("status-uppercase", "status=SUCCEEDED", "bad"),
+    ("status-sql", "status=succeeded%27%20OR%20%271%27=%271", "bad"),
+    ("status-empty", "status=", "lax"),
+    ("status-repeated", "status=failed&status=succeeded", "lax"),
+    ("created-from-utc", "created_from=2026-01-01T00:00:00Z", "ok"),
+    ("created-from-offset", "created_from=2026-01-01T00:00:00%2B02:00", "ok"),
+    ("created-to-fraction", "created_to=2999-12-31T23:59:59.999999Z", "ok"),
+    ("created-range", "created_from=2000-01-01T00:00:00Z&created_to=2999-01-01T00:00:00Z", "ok"),
+    ("created-range-and-status", "created_from=2000-01-01T00:00:00Z&status=failed&limit=1", "ok"),
+    ("created-from-not-a-date", "created_from=not-a-date", "bad"),
+    ("created-to-not-a-date", "created_to=yesterday", "bad"),
+    ("created-from-naive", "created_from=2026-01-01T00:00:00", "bad"),
+    ("created-to-naive", "created_to=2026-01-01T00:00:00", "bad"),
+    ("created-from-date-only", "created_from=2026-01-01", "bad"),
+    ("created-from-plus-unencoded", "created_from=2026-01-01T00:00:00+02:00", "bad"),
+    ("created-from-offset-out-of-range", "created_from=2026-01-01T00:00:00%2B25:00", "bad"),
+    ("created-from-month-13", "created_from=2026-13-01T00:00:00Z", "bad"),
+    ("created-from-epoch-number", "created_from=1767225600", "lax"),
+    ("created-from-huge-year", "created_from=99999-01-01T00:00:00Z", "bad"),
+    ("created-from-empty", "created_from=", "lax"),
+    ("created-range-equal", "created_from=2026-01-01T00:00:00Z&created_to=2026-01-01T00:00:00Z", "bad"),
+    ("created-range-reversed", "created_from=2027-01-01T00:00:00Z&created_to=2026-01-01T00:00:00Z", "bad"),
+    ("created-from-10k-chars", "created_from=" + "9" * 10_000, "bad"),
+)
+
 ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("POST", "/v1/signup"): Endpoint(_ok(201), lambda c: "/v1/signup", auth=False, body=SIGNUP),
     ("GET", "/v1/tenant"): Endpoint(_ok(200), lambda c: "/v1/tenant"),
@@ -602,6 +783,29 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ),
     ("GET", "/v1/webhook-event-types"): Endpoint(_ok(200), lambda c: "/v1/webhook-event-types"),
     ("GET", "/v1/jobs/{job_id:uuid}"): Endpoint(_ok(200), lambda c: f"/v1/jobs/{c.job}", ids="job"),
+    ("GET", PAYMENTS): Endpoint(_ok(200), lambda c: PAYMENTS, paged=True, filters=PAYMENT_FILTERS),
+    # Creating a payment is what a valid request does: the model follows every 202.
+    ("POST", PAYMENTS): Endpoint(_ok(202), lambda c: PAYMENTS, body=PAYMENT_IN, idempotent=True),
+    ("GET", PAYMENTS + "/{payment_id:uuid}"): Endpoint(
+        _ok(200), lambda c: f"{PAYMENTS}/{c.victim_payment}", ids="payment"
+    ),
+    # Refunds go to the declined payment: valid bodies are refused with a 409 after validation. Header-level
+    # cases go to a missing payment.
+    ("POST", PAYMENTS + "/{payment_id:uuid}/refunds"): Endpoint(
+        _ok(409),
+        lambda c: f"{PAYMENTS}/{c.declined_payment}/refunds",
+        body=REFUND_IN,
+        ids="payment",
+        idempotent=True,
+        safe=lambda c: f"{PAYMENTS}/{c.missing}/refunds",
+        safe_ok=_ok(404),
+    ),
+    ("GET", PAYMENTS + "/{payment_id:uuid}/refunds"): Endpoint(
+        _ok(200), lambda c: f"{PAYMENTS}/{c.victim_payment}/refunds", paged=True, ids="payment"
+    ),
+    ("GET", PAYMENTS + "/{payment_id:uuid}/refunds/{refund_id:uuid}"): Endpoint(
+        _ok(200), lambda c: f"{PAYMENTS}/{c.victim_payment}/refunds/{c.victim_refund}", ids="refund"
+    ),
     ("GET", "/healthz"): Endpoint(_ok(200), lambda c: "/healthz", auth=False),
     ("GET", "/livez"): Endpoint(_ok(200), lambda c: "/livez", auth=False),
     ("GET", "/problems/{slug:str}"): Endpoint(_ok(200), lambda c: "/problems/validation-error", auth=False, ids="slug"),
@@ -868,6 +1072,8 @@ BAD_EVENT_TYPES: list[tuple[str, Any]] = [
     ("unknown", ["user.exploded"]),
     ("second-unknown", ["user.created", "nope"]),
     ("internal-event", ["tenant.created"]),
+    ("internal-payment-event", ["refund.created"]),
+    ("unknown-payment-event", ["payment.exploded"]),
     ("wildcard", ["*"]),
     ("prefix", ["user"]),
     ("uppercase", ["USER.CREATED"]),
@@ -889,6 +1095,7 @@ GOOD_EVENT_TYPES: list[tuple[str, list[str], list[str]]] = [
     ("duplicates", ["user.created", "user.created"], ["user.created"]),
     ("unsorted", ["user.deleted", "api_key.created"], ["api_key.created", "user.deleted"]),
     ("50-items", ["user.created"] * 50, ["user.created"]),
+    ("payment-events", ["payment.refunded", "payment.succeeded"], ["payment.refunded", "payment.succeeded"]),
 ]
 BOOL_REJECTED: list[tuple[str, Any]] = [
     ("null", None),
@@ -902,6 +1109,191 @@ BOOL_REJECTED: list[tuple[str, Any]] = [
 # Accepted by Litestar's lax decoding today; either answer is fine, but never a 5xx.
 BOOL_LAX: list[tuple[str, Any]] = [("string-true", "true"), ("string-zero", "0"), ("one", 1), ("zero", 0)]
 BOOL_VALID: list[tuple[str, bool]] = [("true", True), ("false", False)]
+
+NOT_A_STRING = [(f"type-{name}", value) for name, value in WRONG_TYPES_FOR_STRING]
+
+
+@dataclass(frozen=True)
+class Choices:
+    rejected: list[tuple[str, Any]]  # 422
+    lax: list[tuple[str, Any]]  # accepted or 422, never a 5xx
+    valid: list[tuple[str, Any, Any]]  # accepted, and stored as the third value
+
+
+CHOICES: dict[str, Choices] = {
+    "amount": Choices(
+        rejected=[
+            ("zero", 0),
+            ("negative", -1),
+            ("above-max", 100_000_000),
+            ("int64-overflow", 2**63),
+            ("uint64-overflow", 2**64),
+            ("huge", 2**70),
+            ("huge-negative", -(2**70)),
+            ("fraction", 12.5),
+            ("bool", True),
+            ("null", None),
+            ("array", [2500]),
+            ("object", {"value": 2500}),
+            ("word", "lots"),
+            ("empty-string", ""),
+            ("with-currency", "2500 EUR"),
+        ],
+        # Litestar's lax decoding reads numeric strings as numbers today ("25.00" is 25 minor units): either
+        # answer is fine, never a 5xx.
+        lax=[
+            ("numeric-string", "2500"),
+            ("integral-float", 2500.0),
+            ("exp-string", "2.5e3"),
+            ("decimal-string", "25.00"),
+        ],
+        valid=[("min", 1, 1), ("max", 99_999_999, 99_999_999)],
+    ),
+    "currency": Choices(
+        rejected=[
+            *NOT_A_STRING,
+            ("empty", ""),
+            ("two-letters", "EU"),
+            ("four-letters", "EURO"),
+            ("digits", "978"),
+            ("digit-inside", "E1R"),
+            ("unknown", "XXX"),
+            ("precious-metal", "XAU"),
+            ("retired", "DEM"),
+            ("leading-space", " EUR"),
+            ("trailing-space", "EUR "),
+            ("symbol", "\u20ac"),
+            ("fullwidth", "\uff25\uff35\uff32"),
+            ("cyrillic-homoglyph", "\u0415UR"),
+            ("nul", "EU\x00"),
+            ("trailing-newline", "EUR\n"),
+            ("sql", "EUR'; DROP TABLE payments; --"),
+            ("10k-chars", "E" * 10_000),
+        ],
+        lax=[],
+        valid=[
+            ("upper", "EUR", "EUR"),
+            ("lowercase", "eur", "EUR"),
+            ("mixed-case", "uSd", "USD"),
+            ("zero-decimal", "JPY", "JPY"),
+            ("three-decimal", "KWD", "KWD"),
+            ("recent", "ZWG", "ZWG"),
+        ],
+    ),
+    "payment-method": Choices(
+        rejected=[
+            *NOT_A_STRING,
+            ("empty", ""),
+            ("two-chars", "pm"),
+            ("256-chars", "p" * 256),
+            ("space-inside", "pm card visa"),
+            ("leading-space", " pm_card_visa"),
+            ("dash", "pm-card-visa"),
+            ("dot", "pm.card.visa"),
+            ("newline-inside", "pm_card\nvisa"),
+            ("nul", "pm_card\x00visa"),
+            ("unicode", "pm_c\u00e4rd"),
+            ("fullwidth", "\uff50\uff4d_card"),
+            ("card-number", "4242 4242 4242 4242"),
+            ("sql", "pm_card_visa'; DROP TABLE payments; --"),
+            ("path-traversal", "../../etc/passwd"),
+            ("json-in-string", '{"id": "pm_card_visa"}'),
+        ],
+        lax=[],
+        valid=[
+            ("test-token", "pm_card_visa", "pm_card_visa"),
+            ("declined-token", "pm_card_chargeDeclined", "pm_card_chargeDeclined"),
+            ("legacy-token", "tok_visa", "tok_visa"),
+            ("min-length-unknown-token", "abc", "abc"),  # accepted; the charge fails with the provider
+            ("max-length", "p" * 255, "p" * 255),
+        ],
+    ),
+    "metadata": Choices(
+        rejected=[
+            ("string", "order=1"),
+            ("array", []),
+            ("array-of-pairs", [["order", "1"]]),
+            ("number", 1),
+            ("bool", True),
+            ("null", None),
+            ("21-keys", {f"k{i}": "v" for i in range(21)}),
+            ("empty-key", {"": "v"}),
+            ("41-char-key", {"k" * 41: "v"}),
+            ("key-with-space", {"order id": "1"}),
+            ("key-unicode", {"\u043a\u043b\u044e\u0447": "1"}),
+            ("key-slash", {"a/b": "1"}),
+            ("key-nul", {"a\x00b": "1"}),
+            ("key-dollar", {"$where": "1"}),
+            ("value-int", {"order": 1}),
+            ("value-null", {"order": None}),
+            ("value-bool", {"order": True}),
+            ("value-list", {"order": ["1"]}),
+            ("value-object", {"order": {"id": "1"}}),
+            ("value-501-chars", {"order": "x" * 501}),
+            ("value-leading-space", {"order": " 1"}),
+            ("value-newline-inside", {"order": "1\n2"}),
+            ("value-nul", {"order": "1\x002"}),
+            ("value-rtl-override", {"order": "abc\u202edef"}),
+            ("value-zero-width", {"order": "a\u200bb"}),
+            ("value-10k-chars", {"order": "x" * 10_000}),
+        ],
+        lax=[],
+        valid=[
+            ("empty", {}, {}),
+            ("20-keys", {f"k{i}": f"v{i}" for i in range(20)}, {f"k{i}": f"v{i}" for i in range(20)}),
+            ("40-char-key", {"k" * 40: "v"}, {"k" * 40: "v"}),
+            ("key-punctuation", {"order.id-2_x": "1"}, {"order.id-2_x": "1"}),
+            ("empty-value", {"note": ""}, {"note": ""}),
+            ("500-char-value", {"note": "x" * 500}, {"note": "x" * 500}),
+            ("unicode-value", {"note": "\U0001f980 Ferris \u682a\u5f0f"}, {"note": "\U0001f980 Ferris \u682a\u5f0f"}),
+            ("sql-value", {"q": "'; DROP TABLE payments; --"}, {"q": "'; DROP TABLE payments; --"}),
+            ("json-looking-value", {"raw": '{"role": "owner"}'}, {"raw": '{"role": "owner"}'}),
+        ],
+    ),
+    "refund-reason": Choices(
+        rejected=[
+            *NOT_A_STRING,
+            ("empty", ""),
+            ("unknown", "changed_my_mind"),
+            ("uppercase", "DUPLICATE"),
+            ("padded", " duplicate"),
+            ("spaces", "requested by customer"),
+        ],
+        lax=[],
+        valid=[(r, r, r) for r in ("requested_by_customer", "duplicate", "fraudulent")],
+    ),
+}
+
+# Idempotency-Key values the header's own cases send (None: no header at all).
+BAD_IDEMPOTENCY_KEYS: list[tuple[str, list[bytes]]] = [
+    ("missing", []),
+    ("empty", [b""]),
+    ("whitespace-only", [b"   "]),
+    ("256-chars", [b"k" * 256]),
+    ("10k-chars", [b"k" * 10_000]),
+    ("space-inside", [b"a b"]),
+    ("control-char", [b"a\x01b"]),
+    ("tab-inside", [b"a\tb"]),
+    ("del", [b"a\x7fb"]),
+    ("non-ascii", ["cl\u00e9".encode()]),
+    ("invalid-utf8", [b"\xff\xfe"]),
+    ("nbsp-suffix", [b"key\xa0"]),
+    ("empty-quoted", [b'""']),
+    ("two-headers", [b"k1", b"k2"]),
+    ("two-identical-headers", [b"k1", b"k1"]),
+]
+
+
+def good_idempotency_keys(n: int) -> list[tuple[str, bytes]]:
+    """Valid keys, unique per call (``n``)."""
+    return [
+        ("uuid", str(uuid.uuid4()).encode()),
+        ("255-chars", f"{n}-".encode().ljust(255, b"k")),
+        ("punctuation", b"!#$%&'*+-.^_`|~:" + str(n).encode()),
+        ("padded", f"  pad-{n}\t".encode()),
+        ("quoted-with-space", f'"quoted {n}"'.encode()),
+    ]
+
 
 BAD_IDS: list[tuple[str, str]] = [
     ("word", "not-a-uuid"),
@@ -1068,11 +1460,15 @@ def body_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
     add("malformed-json", "deep-nesting-in-field", _splice(spec.valid(c), first, b"[" * 10_000 + b"]" * 10_000), {400})
     for name, esc in [("lone-high", rb"\ud800"), ("lone-low", rb"\udc00"), ("reversed-pair", rb"\ude00\ud83d")]:
         add("lone-surrogate", name, _splice(spec.valid(c), first, b'"x' + esc + b'y"'), {400, 422})
-    # An empty body is not JSON; today it is a 422 whose detail is "'data'" (see the report).
-    add("malformed-json", "empty-body", b"", {400, 422})
+    # An empty body is not JSON; today it is a 422 whose detail is "'data'" (see the report). Where the
+    # body is optional, an empty one may count as none.
+    add("malformed-json", "empty-body", b"", {400, 422} | (accepted if spec.optional else set()))
 
     for name, raw in WRONG_TOP_LEVEL:
-        add("wrong-json-type", name, raw, {422})
+        add("wrong-json-type", name, raw, accepted if spec.optional and raw == b"null" else {422})
+    if spec.optional:
+        # No body at all (no Content-Type either): the defaults apply.
+        cases.append(Case("no-body", "nothing", method, path, accepted, c.auth, None, target=target))
     add("wrong-json-type", "array-of-valid-body", _dumps([spec.valid(c)]), {422})
     add("wrong-json-type", "string-of-valid-body", _dumps(json.dumps(spec.valid(c))), {422})
 
@@ -1122,6 +1518,18 @@ def body_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
             for name, raw in RAW_NUMBERS:
                 add(group, name, _splice(spec.valid(c), f.name, raw), {400, 422})
             continue
+        if f.kind in CHOICES:
+            choices = CHOICES[f.kind]
+            for name, value in choices.rejected:
+                add(group, name, _dumps(put(value)), {422})
+            for name, value in choices.lax:
+                add(group, name, _dumps(put(value)), accepted | {422})
+            for name, value, stored in choices.valid:
+                add(group, name, _dumps(put(value)), accepted, sent={f.name: stored})
+            if f.kind == "amount":
+                for name, raw in RAW_NUMBERS:
+                    add(group, name, _splice(spec.valid(c), f.name, raw), {400, 422})
+            continue
         if f.kind == "bool":
             for name, value in BOOL_REJECTED:
                 add(group, name, _dumps(put(value)), {422})
@@ -1132,7 +1540,10 @@ def body_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
             continue
 
         for name, value in WRONG_TYPES_FOR_STRING:
-            add(group, f"type-{name}", _dumps(put(value)), {422})
+            if value is None and f.nullable:
+                add(group, "null", _dumps(put(None)), accepted, sent={f.name: None})
+            else:
+                add(group, f"type-{name}", _dumps(put(value)), {422})
         for name, raw in RAW_NUMBERS if f.name == first else ():
             add(group, name, _splice(spec.valid(c), f.name, raw), {400, 422})
         for name, value in BAD_STRINGS:
@@ -1166,12 +1577,12 @@ def body_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
         elif f.kind == "email":
             for name, value in BAD_EMAILS:
                 add(group, name, _dumps(put(value)), {422})
-            conflict = {409} if method == "POST" or ep.ids else set()
+            conflict = {409} if f.unique and (method == "POST" or ep.ids) else set()
             for name, value in edge:
                 email = f"{value}{c.n()}@example.com"
-                add(group, name, _dumps(put(email)), accepted | {422} | conflict, sent={f.name: email.lower()})
+                add(group, name, _dumps(put(email)), accepted | {422} | conflict, sent={f.name: f.fold(email)})
             upper = f"UPPER{c.n()}@EXAMPLE.COM"
-            add(group, "uppercase", _dumps(put(upper)), accepted, sent={f.name: upper.lower()})
+            add(group, "uppercase", _dumps(put(upper)), accepted, sent={f.name: f.fold(upper)})
             # Server bug today: 500 (value too long for type character varying(320)).
             add(group, "grows-when-lowercased", _dumps(put(GROWS_WHEN_LOWERED)), accepted | {422} | conflict)
         else:
@@ -1278,9 +1689,15 @@ def path_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
                 add("owner", c.owner_id, {409}, c.owner_id)
         else:
             add("user-id-as-key-id", c.victim_user, {404}, c.victim_user)
-    elif ep.ids in ("endpoint", "delivery", "job"):
+    elif ep.ids in ("endpoint", "delivery", "job", "payment", "refund"):
         # Each id of the route in turn, the others left valid: wherever a bad or foreign id sits, 404.
-        ids = {"endpoint_id": c.victim_endpoint, "delivery_id": c.victim_delivery, "job_id": c.job}
+        ids = {
+            "endpoint_id": c.victim_endpoint,
+            "delivery_id": c.victim_delivery,
+            "job_id": c.job,
+            "payment_id": c.victim_payment,
+            "refund_id": c.victim_refund,
+        }
         nil = "00000000-0000-0000-0000-000000000000"
         for param in re.findall(r"\{(\w+):uuid\}", template):
 
@@ -1300,6 +1717,12 @@ def path_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
             for other, value in ids.items():
                 if other != param:
                     add_at(f"{param}-given-{other}", at(value), {404}, value)
+        if ep.ids == "refund":
+            # A real refund, addressed under another (real) payment of the tenant.
+            wrong = {**ids, "payment_id": c.declined_payment}
+            add_at(
+                "refund-under-another-payment", re.sub(r"\{(\w+):uuid\}", lambda m: wrong[m.group(1)], template), {404}
+            )
     elif ep.ids == "slug":
         for name, segment in BAD_SLUGS:
             add(name, segment, {404})
@@ -1331,7 +1754,55 @@ def query_cases(key: tuple[str, str], ep: Endpoint, c: Ctx, path: str, ok: froze
         cases.append(Case("cursor", name, method, f"{path}?cursor={value}", _ok(422), c.auth))
     for name, value in LAX_CURSORS:
         cases.append(Case("cursor", name, method, f"{path}?cursor={value}", ok | {422}, c.auth))
+    verdicts = {"ok": ok, "bad": _ok(422), "lax": ok | {422}}
+    for name, query, verdict in ep.filters:
+        cases.append(Case("filter", name, method, f"{path}?{query}", verdicts[verdict], c.auth))
     return cases
+
+
+def idempotency_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
+    """The Idempotency-Key header itself, on a valid request to the real target: a bad key is a 400 before
+    anything happens; a good one lets the request through; a replay answers the first response and a key
+    reused for another body is a 422 (where the first answer is a success, the only one remembered)."""
+    assert ep.body is not None
+    method, _ = key
+    path = ep.target(c)
+    body = _dumps(ep.body.valid(c))
+    json_ct: Header = ("Content-Type", JSON)
+    cases: list[Case] = []
+    for name, values in BAD_IDEMPOTENCY_KEYS:
+        headers = (*c.auth, json_ct, *(("Idempotency-Key", v) for v in values))
+        cases.append(Case("idempotency-key", name, method, path, _ok(400), headers, body))
+    for name, value in good_idempotency_keys(c.n()):
+        headers = (*c.auth, json_ct, ("Idempotency-Key", value))
+        cases.append(Case("idempotency-key", name, method, path, ep.ok, headers, body))
+    once = (*c.auth, json_ct, ("Idempotency-Key", f"replayed-{uuid.uuid4()}"))
+    other_body = _dumps({**ep.body.valid(c), "amount": 101})
+    remembered = all(200 <= code < 300 for code in ep.ok)
+    cases += [
+        Case("idempotency-key", "first-use", method, path, ep.ok, once, body, replayed=False),
+        Case("idempotency-key", "replayed", method, path, ep.ok, once, body, replayed=remembered),
+        Case(
+            "idempotency-key",
+            "reused-for-another-body",
+            method,
+            path,
+            _ok(422) if remembered else ep.ok,
+            once,
+            other_body,
+        ),
+    ]
+    return cases
+
+
+def with_idempotency_keys(cases: list[Case], c: Ctx) -> list[Case]:
+    """A fresh Idempotency-Key on every POST that does not test the header itself."""
+    out = []
+    for case in cases:
+        if case.method == "POST" and case.group != "idempotency-key":
+            case = replace(case, headers=(*case.headers, ("Idempotency-Key", f"bad-input-{c.n()}")))
+        out.append(case)
+    return out
 
 
 def header_cases(key: tuple[str, str], ep: Endpoint, c: Ctx, path: str, ok: frozenset[int]) -> list[Case]:
@@ -1397,6 +1868,8 @@ def build_cases(key: tuple[str, str], c: Ctx) -> list[Case]:
     cases += path_cases(key, ep, c)
     cases += routing_cases(key, ep, c)
     cases += body_cases(key, ep, c) if ep.body else bodyless_junk_cases(key, ep, c, safe_path, safe_ok)
+    if ep.idempotent:
+        cases = with_idempotency_keys(cases + idempotency_cases(key, ep, c), c)
     return cases
 
 
@@ -1431,6 +1904,8 @@ async def test_bad_input(group: str, client: Client, tenant: dict[str, Any], pg_
             dict(before.rows),
             dict(before.endpoints),
             dict(before.deliveries),
+            dict(before.payments),
+            {p: list(rs) for p, rs in before.refunds.items()},
         )
     )
 
@@ -1447,7 +1922,40 @@ async def test_bad_input(group: str, client: Client, tenant: dict[str, Any], pg_
             failures += check(case, r, body.echo if body else None)
             model.apply(key, case, r)
 
-    # The credentials used throughout still work and nothing changed beyond what 2xx answers reported.
+    # The credentials used throughout still work and nothing changed beyond what 2xx answers reported
+    # (once the payments created meanwhile are settled by their jobs).
+    await settle_payments(client, dict(ctx.auth))
     after = await snapshot(ctx, pg_url)
     failures += [f"DATA CHANGED: {d}" for d in model.differences(before, after)]
     assert not failures, f"{len(failures)} of {total} cases failed:\n" + "\n".join(failures)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "src bug: msgspec matches Meta(pattern=...) with Python's re.search, where `$` also matches before a "
+        "final newline, so every `^...$` pattern (TEXT_PATTERN in keel.platform.adapters.http.schemas, "
+        "PaymentMethod and MetadataKey in keel.contexts.payments.adapters.http.schemas) accepts a trailing \\n"
+    ),
+)
+async def test_a_trailing_newline_is_refused_like_any_other_control_character(
+    client: Client, tenant: dict[str, Any]
+) -> None:
+    """ "ab\\ncd" is refused everywhere (``newline-inside``); "abcd\\n" must be too."""
+    valid = {"amount": 2500, "currency": "EUR", "payment_method": "pm_card_visa"}
+    requests: list[tuple[str, str, dict[str, Any]]] = [
+        ("payment_method", "/v1/payments", {**valid, "payment_method": "pm_card_visa\n"}),
+        ("metadata key", "/v1/payments", {**valid, "metadata": {"order\n": "1"}}),
+        ("metadata value", "/v1/payments", {**valid, "metadata": {"order": "1\n"}}),
+        ("description", "/v1/payments", {**valid, "description": "Order #1042\n"}),
+        ("description of only a newline", "/v1/payments", {**valid, "description": "\n"}),
+        ("user name", "/v1/users", {"email": "nl@acme.test", "name": "Ada Lovelace\n"}),
+    ]
+    accepted = []
+    for what, path, body in requests:
+        headers = {**tenant["headers"], "Idempotency-Key": f"newline-{uuid.uuid4()}"}
+        r = await client.post(path, headers=headers, json=body)
+        assert r.status_code in (201, 202, 422), r.text
+        if r.status_code != 422:
+            accepted.append(f"{what}: {r.status_code}")
+    assert not accepted, f"a trailing newline was accepted in: {accepted}"

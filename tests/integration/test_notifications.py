@@ -198,7 +198,7 @@ async def test_an_invite_job_that_runs_after_its_user_was_deleted_sends_nothing(
 
             info = await eventually(finished)
             assert info.status is JobStatus.SUCCEEDED
-            assert info.result == {"outcome": "skipped: recipient no longer exists"}
+            assert info.result == {"outcome": "skipped: no recipient (it no longer exists, or none was given)"}
         assert [d.rcpt_tos for d in smtp.delivered] == [("owner@acme.test",), ("gone@acme.test",)]
 
 
@@ -225,3 +225,90 @@ async def test_the_send_job_is_visible_to_its_tenant_with_its_outcome(sqlite_url
         # Another tenant cannot see it, and an unknown id is a 404 as well.
         assert (await client.get(f"/v1/jobs/{job_id}", headers=other["headers"])).status_code == 404
         assert (await client.get(f"/v1/jobs/{uuid.uuid4()}", headers=tenant["headers"])).status_code == 404
+
+
+async def test_a_paid_and_refunded_payment_mails_its_customer_a_receipt_and_a_refund_email(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Over the real app and the sandbox provider: the capture job's ``payment.succeeded`` becomes a
+    receipt, the refund job's ``payment.refunded`` a refund email; a payment without a customer email
+    makes none."""
+    mail = tmp_path / "mail"
+    async with client_for(make_settings(sqlite_url, tmp_path)) as client:
+        container = container_of(client)
+        tenant = await signup(client, "Acme Rockets", "owner@acme.test")
+        await eventually(lambda: idle(container))
+
+        def by_subject() -> dict[str, EmailMessage]:
+            found = [parse(p.read_bytes()) for p in mail.glob("*.eml")] if mail.exists() else []
+            return {str(m["Subject"]): m for m in found}
+
+        async def payment_status(payment_id: str, status: str) -> bool:
+            r = await client.get(f"/v1/payments/{payment_id}", headers=tenant["headers"])
+            return bool(r.status_code == 200 and r.json()["status"] == status)
+
+        anonymous = await client.post(
+            "/v1/payments",
+            json={"amount": 700, "currency": "eur", "payment_method": "pm_card_visa"},
+            headers={**tenant["headers"], "Idempotency-Key": "anonymous-1"},
+        )
+        assert anonymous.status_code == 202, anonymous.text
+        r = await client.post(
+            "/v1/payments",
+            json={
+                "amount": 12_345,
+                "currency": "EUR",
+                "payment_method": "pm_card_visa",
+                "description": "Order #1042",
+                "customer_email": "buyer@example.test",
+            },
+            headers={**tenant["headers"], "Idempotency-Key": "order-1042"},
+        )
+        assert r.status_code == 202, r.text
+        payment_id = r.json()["payment"]["id"]
+        await eventually(lambda: payment_status(payment_id, "succeeded"))
+        await eventually(lambda: payment_status(anonymous.json()["payment"]["id"], "succeeded"))
+        await eventually(lambda: idle(container))
+
+        r = await client.post(
+            f"/v1/payments/{payment_id}/refunds",
+            json={"amount": 2_345},
+            headers={**tenant["headers"], "Idempotency-Key": "refund-1042"},
+        )
+        assert r.status_code == 202, r.text
+        await eventually(lambda: payment_status(payment_id, "partially_refunded"))
+
+        async def three_mails() -> bool:
+            return len(by_subject()) >= 3
+
+        await eventually(three_mails)
+
+        async def all_settled() -> bool:
+            return await idle(container) and await on_app(client, container.relay.pending) == 0
+
+        await eventually(all_settled)
+        payment_events = [e for e in await on_app(client, trigger_events, container) if e.type.startswith("payment.")]
+
+    sent = by_subject()
+    assert set(sent) == {
+        "Welcome to Keel, Acme Rockets",
+        "Your receipt from Acme Rockets: 123.45 EUR",
+        "Acme Rockets refunded 23.45 EUR",
+    }
+    receipt = sent["Your receipt from Acme Rockets: 123.45 EUR"]
+    refund = sent["Acme Rockets refunded 23.45 EUR"]
+    for msg in (receipt, refund):
+        assert parseaddr(msg["To"])[1] == "buyer@example.test"
+        assert f"Payment reference: {payment_id}" in body(msg, "plain")
+        assert "For: Order #1042" in body(msg, "plain")
+    # Two payments succeeded, but only the one with a customer email was mailed.
+    assert sorted(e.type for e in payment_events) == ["payment.refunded", "payment.succeeded", "payment.succeeded"]
+    [succeeded] = [e for e in payment_events if e.type == "payment.succeeded" and e.data["payment_id"] == payment_id]
+    [refunded] = [e for e in payment_events if e.type == "payment.refunded"]
+    assert refunded.data["payment_id"] == payment_id
+    # These Message-IDs are long enough to be folded onto a continuation line (kept as leading whitespace).
+    assert receipt["Message-ID"].strip() == f"<{succeeded.id}.payment_receipt@keel.localhost>"
+    assert refund["Message-ID"].strip() == f"<{refunded.id}.refund_receipt@keel.localhost>"
+    assert "Amount paid: 123.45 EUR" in body(receipt, "plain")
+    assert "Acme Rockets has refunded 23.45 EUR of your payment of 123.45 EUR." in body(refund, "plain")
+    assert "Refunded so far: 23.45 EUR" in body(refund, "plain")

@@ -1,7 +1,8 @@
 """Tenant isolation over HTTP: tenant B can neither reach nor see anything of tenant A.
 
-A's data includes webhook endpoints (with their secrets), their delivery history and a job; routes taking
-two ids (an endpoint's delivery) are tried with each foreign id while the other is B's own.
+A's data includes webhook endpoints (with their secrets), their delivery history, jobs, and payments
+(succeeded, refunded in part, declined) with their refunds; routes taking two ids (an endpoint's delivery,
+a payment's refund) are tried with each foreign id while the other is B's own.
 
 Every route that takes an id is tried by B with each of A's ids (in several spellings) and must
 answer exactly like an id that does not exist: 404 problem+json, same type/title/detail. Every
@@ -16,7 +17,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -32,6 +33,8 @@ PROBLEM = "application/problem+json"
 
 HOOK = "/v1/webhook-endpoints/{endpoint_id:uuid}"
 DELIVERY = HOOK + "/deliveries/{delivery_id:uuid}"
+PAYMENT = "/v1/payments/{payment_id:uuid}"
+REFUND = PAYMENT + "/refunds/{refund_id:uuid}"
 # Every route with a path parameter: (method, template) -> the kind of id it takes and the body to send.
 ID_ROUTES: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {
     ("GET", "/v1/users/{user_id:uuid}"): ("user", None),
@@ -46,11 +49,25 @@ ID_ROUTES: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {
     ("GET", DELIVERY): ("delivery", None),
     ("POST", DELIVERY + "/retry"): ("delivery", None),
     ("GET", "/v1/jobs/{job_id:uuid}"): ("job", None),
+    ("GET", PAYMENT): ("payment", None),
+    ("GET", PAYMENT + "/refunds"): ("payment", None),
+    ("POST", PAYMENT + "/refunds"): ("payment", {"amount": 100, "reason": "requested_by_customer"}),
+    ("GET", REFUND): ("refund", None),
 }
 # The path parameter that carries each kind of id.
-PARAM = {"user": "user_id", "key": "key_id", "endpoint": "endpoint_id", "delivery": "delivery_id", "job": "job_id"}
+PARAM = {
+    "user": "user_id",
+    "key": "key_id",
+    "endpoint": "endpoint_id",
+    "delivery": "delivery_id",
+    "job": "job_id",
+    "payment": "payment_id",
+    "refund": "refund_id",
+}
 # What the control requests on B's own resources answer, when not 200 (DELETE: 204).
-CONTROL_STATUS = {("POST", DELIVERY + "/retry"): 202}
+CONTROL_STATUS = {("POST", DELIVERY + "/retry"): 202, ("POST", PAYMENT + "/refunds"): 202}
+# Routes that require an Idempotency-Key: every request gets a fresh one, so that each reaches the handler.
+IDEMPOTENT = {("POST", "/v1/payments"), ("POST", PAYMENT + "/refunds")}
 # Path-parameter routes that serve no tenant data (documentation); they must be public.
 NOT_TENANT_SCOPED = {("GET", "/problems/{slug:str}"), ("GET", "/openapi/{path:str}")}
 # Every authenticated GET without a path parameter: B reads them all, paging where they page.
@@ -60,9 +77,12 @@ READ_ROUTES: dict[tuple[str, str], bool] = {
     ("GET", "/v1/tenant"): False,
     ("GET", "/v1/webhook-endpoints"): True,
     ("GET", "/v1/webhook-event-types"): False,
+    ("GET", "/v1/payments"): True,
 }
 # Each tenant's deliveries are read through one of its endpoints (DELIVERY_LIST of its first one).
 DELIVERY_LIST = "deliveries of the first endpoint"
+# Likewise its refunds, through the payment they refund.
+REFUND_LIST = "refunds of the first payment"
 # Not an address literal, so the URL is accepted; it resolves to 127.0.0.1, so every delivery is refused at
 # connection time: deliveries fail at once and for good, with no network traffic.
 REFUSED_URL = "https://127.1:9"
@@ -75,6 +95,13 @@ SPELLINGS: dict[str, Callable[[str], str]] = {
     "braces": lambda i: "%7B" + i + "%7D",
     "urn": lambda i: "urn:uuid:" + i,
 }
+
+
+def headers_for(method: str, template: str, headers: dict[str, str]) -> dict[str, str]:
+    """``headers``, plus a fresh Idempotency-Key where the route requires one."""
+    if (method, template) in IDEMPOTENT:
+        return {**headers, "Idempotency-Key": f"isolation-{uuid.uuid4()}"}
+    return headers
 
 
 def _is_public(route: HTTPRoute, method: str) -> bool:
@@ -104,6 +131,8 @@ class Tenant:
     endpoints: dict[str, dict[str, Any]]  # id -> webhook endpoint (as created, with secret)
     deliveries: dict[str, dict[str, Any]]  # id -> delivery, with "endpoint_id" added
     jobs: list[str]  # ids of the tenant's jobs
+    payments: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> payment, settled
+    refunds: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> refund, settled
 
     def ids(self, kind: str) -> list[str]:
         return list(
@@ -113,12 +142,29 @@ class Tenant:
                 "endpoint": self.endpoints,
                 "delivery": self.deliveries,
                 "job": self.jobs,
+                "payment": self.payments,
+                "refund": self.refunds,
             }[kind]
         )
 
     @property
     def first_endpoint(self) -> str:
         return next(iter(self.endpoints))
+
+    @property
+    def first_payment(self) -> str:
+        """The payment with refunds (the first one created)."""
+        return next(iter(self.payments))
+
+    def own_ids(self) -> set[str]:
+        return (
+            set(self.users)
+            | set(self.keys)
+            | set(self.endpoints)
+            | set(self.deliveries)
+            | set(self.payments)
+            | set(self.refunds)
+        )
 
     def lists(self) -> dict[str, tuple[str, set[str]]]:
         """Every paged list of the tenant: label -> (path, the ids it must show)."""
@@ -130,6 +176,11 @@ class Tenant:
             DELIVERY_LIST: (
                 f"/v1/webhook-endpoints/{first}/deliveries",
                 {i for i, d in self.deliveries.items() if d["endpoint_id"] == first},
+            ),
+            "/v1/payments": ("/v1/payments", set(self.payments)),
+            REFUND_LIST: (
+                f"/v1/payments/{self.first_payment}/refunds",
+                {i for i, r in self.refunds.items() if r["payment_id"] == self.first_payment},
             ),
         }
 
@@ -154,6 +205,11 @@ class Tenant:
             out |= {e["id"], e["url"], e["description"], e["secret"]}
         for d in self.deliveries.values():
             out |= {d["id"], d["event_id"]}
+        for p in self.payments.values():
+            out |= {p["id"], p["description"], p["customer_email"], *p["metadata"].values()}
+            out |= {p["provider_reference"]} if p["provider_reference"] else set()
+        for r in self.refunds.values():
+            out |= {r["id"], r["provider_reference"]}
         out |= set(self.jobs)
         out |= {m.upper() for m in out if re.fullmatch(r"[0-9a-f-]{36}", m)} | {
             uuid.UUID(m).hex for m in out if re.fullmatch(r"[0-9a-f-]{36}", m)
@@ -203,7 +259,67 @@ async def populate(client: Client, signup: dict[str, Any], tag: str, n_users: in
     assert r.status_code == 202, r.text
     t.jobs.append(r.json()["job_id"])
     await settled(client, t, {first: n_users, second: 1}, attempts=n_users + 2)
+    await pay(client, t, tag)
     return t
+
+
+# Each tenant's payments, oldest first: the first is refunded in part twice, the last is declined.
+PAYMENTS = [
+    (5_000, "pm_card_visa", "partially_refunded"),
+    (1_200, "pm_card_visa", "succeeded"),
+    (3_300, "tok_visa", "succeeded"),
+    (990, "pm_card_chargeDeclined", "failed"),
+]
+
+
+async def pay(client: Client, t: Tenant, tag: str) -> None:
+    """Payments (their capture jobs are jobs of the tenant) and two refunds of the first, all settled."""
+    for i, (amount, method, _) in enumerate(PAYMENTS):
+        r = await client.post(
+            "/v1/payments",
+            headers={**t.headers, "Idempotency-Key": f"order-{i}"},  # the same keys in both tenants
+            json={
+                "amount": amount,
+                "currency": "EUR",
+                "payment_method": method,
+                "description": f"{tag} order {i}",
+                "customer_email": f"buyer{i}@{tag}.test",
+                "metadata": {"order_ref": f"{tag}-ref-{i}"},
+            },
+        )
+        assert r.status_code == 202, r.text
+        t.payments[r.json()["payment"]["id"]] = r.json()["payment"]
+        t.jobs.append(r.json()["job_id"])
+    for payment_id, (_, _, status) in zip(list(t.payments), PAYMENTS, strict=True):
+        if status != "partially_refunded":
+            t.payments[payment_id] = await reached(client, t, f"/v1/payments/{payment_id}", status)
+    first = t.first_payment
+    await reached(client, t, f"/v1/payments/{first}", "succeeded")
+    for i, amount in enumerate([700, 300]):
+        r = await client.post(
+            f"/v1/payments/{first}/refunds",
+            headers={**t.headers, "Idempotency-Key": f"refund-{i}"},
+            json={"amount": amount},
+        )
+        assert r.status_code == 202, r.text
+        refund = r.json()["refund"]
+        t.jobs.append(r.json()["job_id"])
+        t.refunds[refund["id"]] = await reached(client, t, f"/v1/payments/{first}/refunds/{refund['id']}", "succeeded")
+    t.payments[first] = await reached(client, t, f"/v1/payments/{first}", "partially_refunded")
+    assert t.payments[first]["amount_refunded"] == 1_000
+
+
+async def reached(client: Client, t: Tenant, path: str, status: str) -> dict[str, Any]:
+    """The resource at ``path`` once it has ``status`` (a payment or refund is settled by its job)."""
+
+    async def probe() -> dict[str, Any] | None:
+        r = await client.get(path, headers=t.headers)
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        assert body["status"] == status or body["status"] != "failed", body  # failed is final
+        return body if body["status"] == status else None
+
+    return await eventually(probe)
 
 
 async def settled(client: Client, t: Tenant, counts: dict[str, int], attempts: int) -> None:
@@ -221,11 +337,13 @@ async def settled(client: Client, t: Tenant, counts: dict[str, int], attempts: i
     t.deliveries = await eventually(probe)
 
 
-async def read_all(client: Client, path: str, headers: dict[str, str], limit: int = 100) -> tuple[list[Any], str]:
-    """All items of a paged list (and the raw text of every page)."""
+async def read_all(
+    client: Client, path: str, headers: dict[str, str], limit: int = 100, query: dict[str, str] | None = None
+) -> tuple[list[Any], str]:
+    """All items of a paged list (and the raw text of every page), filtered by ``query``."""
     items: list[Any] = []
     texts: list[str] = []
-    params: dict[str, Any] = {"limit": limit}
+    params: dict[str, Any] = {**(query or {}), "limit": limit}
     for _ in range(1000):
         r = await client.get(path, params=params, headers=headers)
         assert r.status_code == 200, f"GET {path} {params} -> {r.status_code} {r.text}"
@@ -261,7 +379,17 @@ async def state(client: Client, t: Tenant) -> dict[str, Any]:
         e["id"]: (await read_all(client, f"/v1/webhook-endpoints/{e['id']}/deliveries", t.headers))[0]
         for e in endpoints
     }
-    return {"tenant": tenant.json(), "users": users, "keys": keys, "endpoints": endpoints, "deliveries": deliveries}
+    payments, _ = await read_all(client, "/v1/payments", t.headers)
+    refunds = {p["id"]: (await read_all(client, f"/v1/payments/{p['id']}/refunds", t.headers))[0] for p in payments}
+    return {
+        "tenant": tenant.json(),
+        "users": users,
+        "keys": keys,
+        "endpoints": endpoints,
+        "deliveries": deliveries,
+        "payments": payments,
+        "refunds": refunds,
+    }
 
 
 def leaks(text: str, markers: set[str]) -> list[str]:
@@ -312,14 +440,15 @@ async def test_other_tenants_ids_are_not_found(client: Client, world: tuple[Tena
     failures: list[str] = []
 
     # B's own ids fill a route's other parameters, so that only the one under test is foreign.
-    b_own = {PARAM["endpoint"]: b.first_endpoint}
+    b_own = {PARAM["endpoint"]: b.first_endpoint, PARAM["payment"]: b.first_payment}
     b_delivery = next(i for i, d in b.deliveries.items() if d["endpoint_id"] == b.first_endpoint)
+    b_refund = next(iter(b.refunds))
     markers = a.markers()
     for (method, template), (kind, body) in ID_ROUTES.items():
         param = PARAM[kind]
         # What a genuinely missing id looks like: A's ids must be indistinguishable from it.
         path = fill(template, {**b_own, param: str(uuid.uuid4())})
-        missing = await client.request(method, path, headers=b.headers, json=body)
+        missing = await client.request(method, path, headers=headers_for(method, template, b.headers), json=body)
         if missing.status_code != 404:
             failures.append(f"{method} {template} with a random id -> {missing.status_code}: {missing.text[:300]}")
             continue
@@ -343,11 +472,18 @@ async def test_other_tenants_ids_are_not_found(client: Client, world: tuple[Tena
             targets += [
                 ("B's delivery at A's endpoint", {"endpoint_id": e, param: b_delivery}, every) for e in a.endpoints
             ]
+        if kind == "refund":
+            # A's refunds at their own payment, and B's own refund at each of A's payments.
+            targets += [
+                ("A's refund at A's payment", {"payment_id": r["payment_id"], param: i}, canonical)
+                for i, r in a.refunds.items()
+            ]
+            targets += [("B's refund at A's payment", {"payment_id": p, param: b_refund}, every) for p in a.payments]
         for what, target, spellings in targets:
             for spelling in spellings:
                 spell = SPELLINGS[spelling]
                 path = fill(template, {**b_own, **{k: spell(v) for k, v in target.items()}})
-                r = await client.request(method, path, headers=b.headers, json=body)
+                r = await client.request(method, path, headers=headers_for(method, template, b.headers), json=body)
                 label = f"B: {method} {path} ({what}, {spelling}) -> {r.status_code}"
                 if r.status_code != 404:
                     failures.append(f"{label}: expected 404; body: {r.text[:300]}")
@@ -378,14 +514,22 @@ async def test_other_tenants_ids_are_not_found(client: Client, world: tuple[Tena
         "endpoint_id": b.first_endpoint,
         "delivery_id": b_delivery,
         "job_id": b.jobs[0],
+        "payment_id": b.first_payment,
+        "refund_id": b_refund,
     }
     for (method, template), (kind, body) in ID_ROUTES.items():
         if method == "DELETE":
             continue
-        r = await client.request(method, fill(template, own), headers=b.headers, json=body)
+        r = await client.request(
+            method, fill(template, own), headers=headers_for(method, template, b.headers), json=body
+        )
         expected = CONTROL_STATUS.get((method, template), 200)
         assert r.status_code == expected, f"control {method} {template} on B's own {kind} -> {r.status_code} {r.text}"
-        if expected == 202:
+        if template == PAYMENT + "/refunds" and method == "POST":
+            # Let the refund settle before anything else happens.
+            refund_path = fill(REFUND, {**own, "refund_id": r.json()["refund"]["id"]})
+            await reached(client, b, refund_path, "succeeded")
+        elif expected == 202:
             # Let the retry's attempt land before anything is deleted under it.
             attempts = len(b.deliveries[b_delivery]["attempts"]) + 1
             path = fill(DELIVERY, own)
@@ -405,10 +549,45 @@ async def test_other_tenants_ids_are_not_found(client: Client, world: tuple[Tena
 async def test_tenant_scoped_writes_without_ids_stay_in_the_tenant(
     client: Client, world: tuple[Tenant, Tenant]
 ) -> None:
-    """B's creations and configuration changes land in B only; A's emails are free to reuse in B
-    (a 409 there would reveal which addresses A has)."""
+    """B's creations and configuration changes land in B only; A's emails and idempotency keys are free to
+    reuse in B (a 409 or 422 there would reveal what A has sent)."""
     a, b = world
+    # Idempotency keys belong to the tenant: A's key and body, sent by B, make a new payment of B's (not a
+    # replay of A's response, nor a conflict that would reveal that A used the key).
+    body = {
+        "amount": 4_200,
+        "currency": "EUR",
+        "payment_method": "pm_card_visa",
+        "description": "acme order shared-key",
+        "customer_email": "buyer@acme.test",
+    }
+    r = await client.post("/v1/payments", headers={**a.headers, "Idempotency-Key": "shared-key"}, json=body)
+    assert r.status_code == 202, r.text
+    a_payment = r.json()["payment"]["id"]
+    await reached(client, a, f"/v1/payments/{a_payment}", "succeeded")
+    r = await client.post("/v1/payments", headers={**b.headers, "Idempotency-Key": "shared-key"}, json=body)
+    assert r.status_code == 202, r.text
+    assert "idempotent-replayed" not in r.headers
+    created = r.json()["payment"]
+    assert created["id"] not in a.own_ids() | b.own_ids() | {a_payment}
+    assert (created["status"], created["amount_refunded"]) == ("pending", 0)
+    await reached(client, b, f"/v1/payments/{created['id']}", "succeeded")
+    # B refunding with a refund key A used (on A's payment): B's own refund, of everything left of B's payment.
+    r = await client.post(
+        f"/v1/payments/{a_payment}/refunds", headers={**a.headers, "Idempotency-Key": "shared-refund"}, json={}
+    )
+    assert r.status_code == 202, r.text
+    await reached(client, a, f"/v1/payments/{a_payment}", "refunded")
     before = await state(client, a)
+    r = await client.post(
+        f"/v1/payments/{created['id']}/refunds", headers={**b.headers, "Idempotency-Key": "shared-refund"}, json={}
+    )
+    assert r.status_code == 202, r.text
+    assert "idempotent-replayed" not in r.headers
+    assert r.json()["refund"]["id"] not in a.refunds
+    assert r.json()["refund"]["amount"] == 4_200
+    await reached(client, b, f"/v1/payments/{created['id']}", "refunded")
+    assert await state(client, a) == before, "B's payment and refund changed A's data"
     for i, user in enumerate(u for u in a.users.values()):
         r = await client.post("/v1/users", headers=b.headers, json={"email": user["email"], "name": f"B copy {i}"})
         assert r.status_code == 201, f"B creating A's email {user['email']} -> {r.status_code} {r.text}"
@@ -441,7 +620,8 @@ async def test_reads_show_nothing_of_the_other_tenant(client: Client, world: tup
     markers = a.markers()
     lists = b.lists()
     reads = [(path, lists.get(path)) for (_, path), paged in READ_ROUTES.items()]
-    for path, listed in [*reads, (DELIVERY_LIST, lists[DELIVERY_LIST])]:
+    extra = [(DELIVERY_LIST, lists[DELIVERY_LIST]), (REFUND_LIST, lists[REFUND_LIST])]
+    for path, listed in [*reads, *extra]:
         if listed is not None:
             path, own = listed
             items, text = await read_all(client, path, b.headers, limit=limit)
@@ -455,6 +635,30 @@ async def test_reads_show_nothing_of_the_other_tenant(client: Client, world: tup
         assert not leaks(text, markers), f"B's GET {path} (limit={limit}) shows A's data: {leaks(text, markers)}"
 
 
+PAYMENT_FILTERS: list[dict[str, str]] = [
+    {"status": "succeeded"},
+    {"status": "partially_refunded"},
+    {"status": "failed"},
+    {"status": "pending"},
+    {"created_from": "2000-01-01T00:00:00Z"},
+    {"created_to": "2999-01-01T00:00:00+02:00"},
+    {"created_from": "2000-01-01T00:00:00Z", "created_to": "2999-01-01T00:00:00Z", "status": "succeeded"},
+]
+
+
+async def test_filtered_payment_lists_show_only_the_readers_payments(
+    client: Client, world: tuple[Tenant, Tenant]
+) -> None:
+    a, b = world
+    for query in PAYMENT_FILTERS:
+        for reader, other in [(a, b), (b, a)]:
+            items, text = await read_all(client, "/v1/payments", reader.headers, limit=2, query=query)
+            expected = {i for i, p in reader.payments.items() if p["status"] == query.get("status", p["status"])}
+            label = f"{reader.body['tenant']['name']}: GET /v1/payments?{query}"
+            assert {p["id"] for p in items} == expected, label
+            assert not leaks(text, other.markers()), f"{label} shows the other tenant's data"
+
+
 async def test_cursors_do_not_cross_tenants(client: Client, world: tuple[Tenant, Tenant]) -> None:
     """A cursor taken from one tenant's listing, replayed by the other tenant (on either list), must at
     most page through the replaying tenant's own rows."""
@@ -462,7 +666,7 @@ async def test_cursors_do_not_cross_tenants(client: Client, world: tuple[Tenant,
     failures: list[str] = []
     for owner, reader in [(a, b), (b, a)]:
         foreign = owner.markers() - reader.markers()
-        reader_ids = set(reader.users) | set(reader.keys) | set(reader.endpoints) | set(reader.deliveries)
+        reader_ids = reader.own_ids()
         taken = {label: await cursors(client, path, owner.headers) for label, (path, _) in owner.lists().items()}
         assert all(taken.values()), "every list should have more than one page at limit=1"
         for source, cursor_list in taken.items():

@@ -22,9 +22,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from keel.contexts.accounts.public import PUBLIC_EVENTS
+from keel.contexts.accounts.public import PUBLIC_EVENTS as ACCOUNT_EVENTS
+from keel.contexts.payments.public import PUBLIC_EVENTS as PAYMENT_EVENTS
 from keel.contexts.webhooks.adapters.httpx_sender import HttpxWebhookSender, parse_retry_after
 from keel.contexts.webhooks.domain.model import new_secret
+from keel.main.container import PUBLIC_EVENTS
 from tests.support.app import client_for, make_settings, signup
 from tests.support.receivers import Received, Receiver, Reply, webhook_receiver
 from tests.support.waiting import eventually
@@ -218,6 +220,17 @@ async def test_event_types_are_the_public_catalogue(client: Client) -> None:
     r = await client.get("/v1/webhook-event-types", headers=t["headers"])
     assert r.status_code == 200, r.text
     assert r.json() == {"items": sorted(PUBLIC_EVENTS)}
+    # The catalogue is every context's public events, and nothing internal.
+    assert set(PUBLIC_EVENTS) == set(ACCOUNT_EVENTS) | set(PAYMENT_EVENTS)
+    assert {
+        "user.created",
+        "payment.created",
+        "payment.succeeded",
+        "payment.failed",
+        "payment.refunded",
+        "payment.refund_failed",
+    } <= set(r.json()["items"])
+    assert not {"tenant.created", "refund.created", "*"} & set(r.json()["items"])
     assert_problem(await client.get("/v1/webhook-event-types"), 401)
 
 

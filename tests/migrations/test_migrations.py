@@ -181,8 +181,8 @@ async def test_upgrade_creates_expected_columns_indexes_and_constraints(empty_ur
         "revoked_at",
     }
     assert set(schema["users"]["columns"]) == {"id", "tenant_id", "email", "name", "role", "created_at", "updated_at"}
-    for t in APP_TABLES:
-        assert schema[t]["pk"] == ["id"]
+    for t in APP_TABLES - {"payments_sandbox_ledger"}:
+        assert schema[t]["pk"] == ["id"], t
     assert schema["users"]["indexes"]["ix_users_tenant_id_id"] == ["tenant_id", "id"]
     assert schema["api_keys"]["indexes"]["ix_api_keys_tenant_id_id"] == ["tenant_id", "id"]
     assert ("tenant_id", "email") in schema["users"]["uniques"]
@@ -190,6 +190,86 @@ async def test_upgrade_creates_expected_columns_indexes_and_constraints(empty_ur
     assert schema["users"]["fks"] == {(("tenant_id",), "tenants")}
     assert schema["api_keys"]["fks"] == {(("tenant_id",), "tenants")}
     assert schema["outbox"]["indexes"]["ix_outbox_unpublished"] == ["occurred_at"]
+
+    # 0004: payments, their refunds and the sandbox provider's ledger.
+    assert {"payments", "payment_refunds", "payments_sandbox_ledger"} <= APP_TABLES
+    assert schema["payments"]["columns"] == {
+        "id": False,
+        "tenant_id": False,
+        "amount": False,
+        "currency": False,
+        "payment_method": False,
+        "description": False,
+        "customer_email": True,
+        "metadata": False,
+        "status": False,
+        "provider": False,
+        "provider_reference": True,
+        "amount_refunded": False,
+        "amount_refunding": False,
+        "failure_reason": True,
+        "failure_message": True,
+        "version": False,
+        "created_at": False,
+        "updated_at": False,
+    }
+    assert schema["payments"]["indexes"] == {
+        "ix_payments_tenant_id": ["tenant_id", "id"],
+        "ix_payments_tenant_status_id": ["tenant_id", "status", "id"],
+        "ix_payments_tenant_created": ["tenant_id", "created_at"],
+        "ix_payments_status_updated": ["status", "updated_at"],
+    }
+    assert schema["payment_refunds"]["columns"] == {
+        "id": False,
+        "tenant_id": False,
+        "payment_id": False,
+        "amount": False,
+        "currency": False,
+        "reason": True,
+        "status": False,
+        "provider_reference": True,
+        "failure_reason": True,
+        "failure_message": True,
+        "created_at": False,
+        "updated_at": False,
+    }
+    assert schema["payment_refunds"]["indexes"] == {
+        "ix_payment_refunds_tenant_payment_id": ["tenant_id", "payment_id", "id"],
+        "ix_payment_refunds_status_updated": ["status", "updated_at"],
+    }
+    assert schema["payments_sandbox_ledger"]["columns"] == {
+        "idempotency_key": False,
+        "kind": False,
+        "reference": False,
+        "charge_reference": True,
+        "amount": False,
+        "currency": False,
+        "calls": False,
+        "outcome": True,
+        "created_at": False,
+    }
+    # One ledger row per idempotency key: the key is the primary key.
+    assert schema["payments_sandbox_ledger"]["pk"] == ["idempotency_key"]
+    assert schema["payments_sandbox_ledger"]["indexes"] == {"ix_payments_sandbox_ledger_charge": ["charge_reference"]}
+    # Payments are never deleted and always read tenant-scoped: no foreign keys, no unique constraints.
+    for t in ("payments", "payment_refunds", "payments_sandbox_ledger"):
+        assert schema[t]["fks"] == set(), t
+        assert schema[t]["uniques"] == set(), t
+
+
+async def test_the_payments_revision_adds_and_removes_only_its_tables(empty_url: str) -> None:
+    payments = {"payments", "payment_refunds", "payments_sandbox_ledger"}
+    db.upgrade(empty_url, "0003")
+    before = await table_names(empty_url)
+    assert not before & payments
+    db.upgrade(empty_url, "0004")
+    assert await table_names(empty_url) == before | payments
+    db.downgrade(empty_url, "0003")
+    assert await table_names(empty_url) == before
+    assert await current_revision(empty_url) == "0003"
+    db.upgrade(empty_url, "head")
+    await assert_at_head(empty_url)
+    assert await schema_diffs(empty_url) == []
 
 
 async def test_every_revision_steps_up_and_down(empty_url: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from keel.main.settings import Settings, SettingsError, load_settings, settings_or_exit
+from keel.main.settings import Secret, Settings, SettingsError, load_settings, settings_or_exit
 
 KEEL_BIN = Path(sys.executable).parent / "keel"
 
@@ -39,6 +39,10 @@ def test_defaults_with_empty_env() -> None:
     assert s.health_timeout == 1.0
     assert s.otel_endpoint is None
     assert s.service_name == "keel"
+    assert s.payments_provider == "sandbox"
+    assert s.payments_sandbox_latency == 0.0
+    assert s.stripe_secret_key is None
+    assert s.stripe_api_base is None
 
 
 def test_empty_strings_count_as_unset() -> None:
@@ -134,6 +138,10 @@ def test_all_valid_overrides() -> None:
             "KEEL_HEALTH_TIMEOUT": "30",
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://otel:4318/v1/traces",
             "OTEL_SERVICE_NAME": "keel-eu",
+            "KEEL_PAYMENTS_PROVIDER": "stripe",
+            "KEEL_PAYMENTS_SANDBOX_LATENCY": "30",
+            "KEEL_STRIPE_SECRET_KEY": "sk_test_abc123",
+            "KEEL_STRIPE_API_BASE": "https://stripe-proxy.internal:8443/",
         }
     )
     assert s == Settings(
@@ -152,6 +160,10 @@ def test_all_valid_overrides() -> None:
         health_timeout=30.0,
         otel_endpoint="http://otel:4318/v1/traces",
         service_name="keel-eu",
+        payments_provider="stripe",
+        payments_sandbox_latency=30.0,
+        stripe_secret_key=Secret("sk_test_abc123"),
+        stripe_api_base="https://stripe-proxy.internal:8443",
     )
 
 
@@ -206,6 +218,21 @@ INVALID = [
     ("KEEL_HEALTH_TIMEOUT", "1s"),
     ("KEEL_HEALTH_TIMEOUT", "nan"),
     ("KEEL_HEALTH_TIMEOUT", "31"),
+    ("KEEL_PAYMENTS_PROVIDER", "paypal"),
+    ("KEEL_PAYMENTS_PROVIDER", "Stripe"),
+    ("KEEL_PAYMENTS_PROVIDER", "sandbox,stripe"),
+    ("KEEL_PAYMENTS_SANDBOX_LATENCY", "-0.1"),
+    ("KEEL_PAYMENTS_SANDBOX_LATENCY", "30.5"),
+    ("KEEL_PAYMENTS_SANDBOX_LATENCY", "slow"),
+    ("KEEL_PAYMENTS_SANDBOX_LATENCY", "nan"),
+    ("KEEL_PAYMENTS_SANDBOX_LATENCY", "inf"),
+    ("KEEL_STRIPE_SECRET_KEY", "pk_live_publishable"),
+    ("KEEL_STRIPE_SECRET_KEY", "whsec_signing"),
+    ("KEEL_STRIPE_SECRET_KEY", "SK_live_upper"),
+    ("KEEL_STRIPE_SECRET_KEY", "sk-live-dash"),
+    ("KEEL_STRIPE_API_BASE", "ftp://stripe.example"),
+    ("KEEL_STRIPE_API_BASE", "api.stripe.com"),
+    ("KEEL_STRIPE_API_BASE", "//api.stripe.com"),
 ]
 
 
@@ -264,6 +291,48 @@ def test_cli_exits_2_with_one_line_on_bad_setting(tmp_path: Path) -> None:
     assert "KEEL_PORT" in lines[0]
     # It stopped before touching the database.
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("latency", ["0", "0.25", "30"])
+def test_sandbox_latency_range(latency: str) -> None:
+    assert load_settings({"KEEL_PAYMENTS_SANDBOX_LATENCY": latency}).payments_sandbox_latency == float(latency)
+
+
+@pytest.mark.parametrize("key", ["sk_test_abc123", "sk_live_abc123", "rk_live_restricted"])
+@pytest.mark.parametrize("base", ["https://api.stripe.com", "http://127.0.0.1:12111"])
+def test_stripe_provider_takes_a_secret_or_restricted_key_and_an_http_base(key: str, base: str) -> None:
+    s = load_settings({"KEEL_PAYMENTS_PROVIDER": "stripe", "KEEL_STRIPE_SECRET_KEY": key, "KEEL_STRIPE_API_BASE": base})
+    assert s.payments_provider == "stripe"
+    assert s.stripe_secret_key == key
+    assert str(s.stripe_secret_key) == key  # usable as the key it is
+    assert s.stripe_api_base == base
+
+
+def test_the_stripe_provider_needs_a_secret_key() -> None:
+    with pytest.raises(SettingsError, match=r"^KEEL_PAYMENTS_PROVIDER.*KEEL_STRIPE_SECRET_KEY") as exc:
+        load_settings({"KEEL_PAYMENTS_PROVIDER": "stripe"})
+    assert "\n" not in str(exc.value)
+    with pytest.raises(SettingsError, match="KEEL_STRIPE_SECRET_KEY"):
+        load_settings({"KEEL_PAYMENTS_PROVIDER": "stripe", "KEEL_STRIPE_SECRET_KEY": ""})  # empty is unset
+    # A key without the Stripe provider is kept (switching providers is one variable), and the sandbox runs.
+    s = load_settings({"KEEL_STRIPE_SECRET_KEY": "sk_test_abc123"})
+    assert (s.payments_provider, s.stripe_secret_key) == ("sandbox", "sk_test_abc123")
+
+
+def test_the_stripe_secret_key_is_never_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    key = "sk_live_51TOPSECRETabcdefghijklmnop"
+    s = load_settings({"KEEL_PAYMENTS_PROVIDER": "stripe", "KEEL_STRIPE_SECRET_KEY": key})
+    for shown in (repr(s), str(s), f"{s!r}", repr(s.stripe_secret_key)):
+        assert key not in shown
+        assert "TOPSECRET" not in shown
+    assert "stripe_secret_key='***'" in repr(s)
+    # A malformed key is not echoed in the error either: it may be a real key pasted into the wrong variable.
+    pasted = "pk_live_51TOPSECRETabcdefghijklmnop"
+    with pytest.raises(SystemExit):
+        settings_or_exit({"KEEL_STRIPE_SECRET_KEY": pasted})
+    err = capsys.readouterr().err
+    assert "KEEL_STRIPE_SECRET_KEY" in err
+    assert "TOPSECRET" not in err
 
 
 def test_several_workers_need_redis() -> None:
