@@ -73,26 +73,36 @@ async def docs(request: Request[Any, Any, Any]) -> bytes:
     return _DOCS_UI.render(request, _schema_document(request.app))
 
 
-def _publish_closed_bodies(app: Litestar) -> None:
-    """Request bodies reject unknown fields; say so in the schema (``additionalProperties: false``).
+def _publish_body_rules(app: Litestar) -> None:
+    """Say in the schema what Litestar leaves out: request bodies reject unknown fields
+    (``additionalProperties: false``), and a body the handler defaults is optional.
 
     Runs at start-up, before anything renders the document, so every view of it agrees.
     """
     closed: set[str] = set()
+    optional: set[tuple[str, str]] = set()
     for route in app.routes:
         for handler in getattr(route, "route_handlers", ()):
             data = handler.parsed_fn_signature.parameters.get("data")
-            struct = getattr(data, "type_", None) if data is not None else None
-            if (
-                isinstance(struct, type)
-                and issubclass(struct, msgspec.Struct)
-                and struct.__struct_config__.forbid_unknown_fields
-            ):
-                closed.add(struct.__name__)
-    schemas = app.openapi_schema.components.schemas or {}
-    for name, schema in schemas.items():
+            if data is None:
+                continue
+            if data.has_default:
+                optional.update((route.path_format, m.lower()) for m in handler.http_methods)
+            for struct in (data.type_, *(t.annotation for t in data.inner_types)):
+                if (
+                    isinstance(struct, type)
+                    and issubclass(struct, msgspec.Struct)
+                    and struct.__struct_config__.forbid_unknown_fields
+                ):
+                    closed.add(struct.__name__)
+    schema = app.openapi_schema
+    for name, component in (schema.components.schemas or {}).items():
         if name in closed:
-            schema.additional_properties = False
+            component.additional_properties = False
+    for path, method in optional:
+        operation = getattr((schema.paths or {}).get(path), method, None)
+        if operation is not None and operation.request_body is not None:
+            operation.request_body.required = False
     _schema_document(app)
 
 
@@ -171,7 +181,7 @@ def create_app(
         before_request=require_json_body,
         before_send=[echo_request_id],
         exception_handlers={Exception: handle_exception},
-        on_startup=[_publish_closed_bodies, container.start],
+        on_startup=[_publish_body_rules, container.start],
         on_shutdown=[container.aclose],
         plugins=plugins,
         openapi_config=OpenAPIConfig(

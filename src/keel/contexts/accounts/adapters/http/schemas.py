@@ -10,7 +10,7 @@ import msgspec
 from msgspec import Meta
 
 from keel.contexts.accounts.domain.model import ApiKey, Role, Tenant, TenantConfig, User
-from keel.platform.adapters.http.schemas import TEXT_PATTERN, Email, StrictInput
+from keel.platform.adapters.http.schemas import TEXT_PATTERN, Email, StrictInput, whole
 
 _TEXT = TEXT_PATTERN
 
@@ -22,7 +22,7 @@ Timezone = Annotated[
     Meta(
         min_length=1,
         max_length=64,
-        pattern=r"^[A-Za-z0-9_+\-/]+$",
+        pattern=whole(r"[A-Za-z0-9_+\-/]+"),
         description="IANA timezone.",
         examples=["Europe/London"],
     ),
@@ -30,7 +30,10 @@ Timezone = Annotated[
 Locale = Annotated[
     str,
     Meta(
-        max_length=35, pattern=r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$", description="BCP 47 tag.", examples=["en-GB"]
+        max_length=35,
+        pattern=whole("[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*"),
+        description="BCP 47 tag.",
+        examples=["en-GB"],
     ),
 ]
 RateLimit = Annotated[int, Meta(ge=1, le=100_000, description="Requests per minute per API key.")]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
@@ -30,7 +30,7 @@ from keel.platform.adapters.http.idempotency import IdempotencyKeyHeader
 from keel.platform.adapters.http.jobs import accepted_as, job_status_url
 from keel.platform.adapters.http.paging import CursorParam, LimitParam, encode_cursor, page_request
 from keel.platform.adapters.http.problems import problem_responses, problem_type
-from keel.platform.adapters.http.schemas import to_command
+from keel.platform.adapters.http.schemas import require_json_integers, to_command
 from keel.platform.domain.tenancy import Principal
 
 problem_type(
@@ -79,8 +79,14 @@ class PaymentController(Controller):
         responses=problem_responses(*_AUTH, 409, 413, 503),
     )
     async def create_payment(
-        self, data: JSONBody[PaymentIn], payments: Payments, principal: Caller, idempotency_key: IdempotencyKeyHeader
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[PaymentIn],
+        payments: Payments,
+        principal: Caller,
+        idempotency_key: IdempotencyKeyHeader,
     ) -> Response[PaymentAccepted]:
+        await require_json_integers(request, "amount")
         done = await payments.create_payment(principal, to_command(data, CreatePayment))
         body = PaymentAccepted(
             payment=PaymentOut.of(done.value), job_id=done.job_id, status_url=job_status_url(done.job_id)
@@ -128,8 +134,11 @@ class PaymentController(Controller):
         payments: Payments,
         principal: Caller,
         idempotency_key: IdempotencyKeyHeader,
+        request: Request[Any, Any, Any],
         data: JSONBody[RefundIn | None] = None,
     ) -> Response[RefundAccepted]:
+        if data is not None:
+            await require_json_integers(request, "amount")
         cmd = to_command(data, CreateRefund) if data is not None else CreateRefund()
         done = await payments.request_refund(principal, payment_id, cmd)
         body = RefundAccepted(

@@ -19,7 +19,7 @@ from keel.contexts.payments.domain.model import (
     RefundReason,
     RefundStatus,
 )
-from keel.platform.adapters.http.schemas import TEXT_PATTERN, Email, StrictInput
+from keel.platform.adapters.http.schemas import OPTIONAL_TEXT_PATTERN, Email, StrictInput, whole
 
 Amount = Annotated[
     int,
@@ -31,14 +31,14 @@ Amount = Annotated[
     ),
 ]
 Currency = Annotated[
-    str, Meta(pattern=r"^[A-Za-z]{3}$", description="ISO 4217 code (case-insensitive).", examples=["EUR"])
+    str, Meta(pattern=whole("[A-Za-z]{3}"), description="ISO 4217 code (case-insensitive).", examples=["EUR"])
 ]
 PaymentMethod = Annotated[
     str,
     Meta(
         min_length=3,
         max_length=255,
-        pattern=r"^[A-Za-z0-9_]+$",
+        pattern=whole("[A-Za-z0-9_]+"),
         description=(
             "The provider's token for the card. The sandbox answers by test token: `pm_card_visa` succeeds, "
             "`pm_card_chargeDeclined` and `pm_card_chargeDeclinedInsufficientFunds` are declined, "
@@ -47,9 +47,9 @@ PaymentMethod = Annotated[
         examples=["pm_card_visa"],
     ),
 ]
-Description = Annotated[str, Meta(max_length=500, pattern=rf"^$|{TEXT_PATTERN}", examples=["Order #1042"])]
-MetadataKey = Annotated[str, Meta(min_length=1, max_length=MAX_METADATA_KEY_LENGTH, pattern=r"^[A-Za-z0-9_.\-]+$")]
-MetadataValue = Annotated[str, Meta(max_length=MAX_METADATA_VALUE_LENGTH, pattern=rf"^$|{TEXT_PATTERN}")]
+Description = Annotated[str, Meta(max_length=500, pattern=OPTIONAL_TEXT_PATTERN, examples=["Order #1042"])]
+MetadataKey = Annotated[str, Meta(min_length=1, max_length=MAX_METADATA_KEY_LENGTH, pattern=whole(r"[A-Za-z0-9_.\-]+"))]
+MetadataValue = Annotated[str, Meta(max_length=MAX_METADATA_VALUE_LENGTH, pattern=OPTIONAL_TEXT_PATTERN)]
 Metadata = Annotated[
     dict[MetadataKey, MetadataValue],
     Meta(

@@ -9,21 +9,21 @@ from msgspec import Meta
 
 from keel.contexts.webhooks.domain.model import MAX_URL_LENGTH, Attempt, DeliveryStatus, Endpoint
 from keel.contexts.webhooks.domain.services import DeliveryView
-from keel.platform.adapters.http.schemas import TEXT_PATTERN, StrictInput
+from keel.platform.adapters.http.schemas import OPTIONAL_TEXT_PATTERN, StrictInput, whole
 
 Url = Annotated[
     str,
     Meta(
         min_length=8,
         max_length=MAX_URL_LENGTH,
-        pattern=r"^https?://[^\s\x00-\x1f\x7f]+$",
+        pattern=whole(r"https?://[^\s\x00-\x1f\x7f]+"),
         description="Where deliveries are POSTed (https; private addresses are refused).",
         examples=["https://example.com/webhooks/keel"],
     ),
 ]
 EventType = Annotated[str, Meta(min_length=1, max_length=100, examples=["user.created"])]
 EventTypes = Annotated[list[EventType], Meta(min_length=1, max_length=50)]
-Description = Annotated[str, Meta(max_length=500, pattern=rf"^$|{TEXT_PATTERN}", examples=["CRM sync"])]
+Description = Annotated[str, Meta(max_length=500, pattern=OPTIONAL_TEXT_PATTERN, examples=["CRM sync"])]
 
 
 class EndpointIn(StrictInput, frozen=True, kw_only=True, forbid_unknown_fields=True):
