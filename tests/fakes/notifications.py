@@ -15,7 +15,7 @@ from keel.contexts.notifications.adapters.templates import JinjaTemplateRenderer
 from keel.contexts.notifications.domain.model import EmailKind, EmailRecord, EmailStatus, OutgoingEmail
 from keel.contexts.notifications.domain.services import NotificationsService
 from keel.contexts.payments.domain.model import Payment, PaymentStatus
-from keel.contexts.payments.public import PaymentSummary, format_amount
+from keel.contexts.payments.public import PaymentSummary
 from keel.platform.domain.events import Event
 from keel.platform.ports.clock import Clock
 
@@ -209,20 +209,7 @@ class FakePayments:
         p = self.payments.get(payment_id)
         if p is None or p.tenant_id != tenant_id:
             return None
-        return PaymentSummary(
-            id=p.id,
-            tenant_id=p.tenant_id,
-            amount=p.amount,
-            amount_refunded=p.amount_refunded,
-            currency=p.currency,
-            amount_display=format_amount(p.amount, p.currency),
-            amount_refunded_display=format_amount(p.amount_refunded, p.currency),
-            status=p.status.value,
-            description=p.description,
-            customer_email=p.customer_email,
-            provider_reference=p.provider_reference,
-            created_at=p.created_at,
-        )
+        return PaymentSummary.of(p)
 
 
 def notifications_service(

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Protocol
 
 from keel.contexts.payments.domain.currencies import format_amount
+from keel.contexts.payments.domain.model import Payment
 from keel.contexts.payments.domain.services import PaymentsService
 
 __all__ = ["PUBLIC_EVENTS", "PaymentSummary", "PaymentsDirectory", "PaymentsReader", "format_amount"]
@@ -29,22 +30,9 @@ class PaymentSummary:
     provider_reference: str | None
     created_at: datetime
 
-
-class PaymentsReader(Protocol):
-    """Read-only lookups for work done on a tenant's behalf outside a request (jobs)."""
-
-    async def find_payment(self, tenant_id: uuid.UUID, payment_id: uuid.UUID) -> PaymentSummary | None: ...
-
-
-class PaymentsDirectory:
-    def __init__(self, service: PaymentsService) -> None:
-        self._service = service
-
-    async def find_payment(self, tenant_id: uuid.UUID, payment_id: uuid.UUID) -> PaymentSummary | None:
-        p = await self._service.find_payment(tenant_id, payment_id)
-        if p is None:
-            return None
-        return PaymentSummary(
+    @classmethod
+    def of(cls, p: Payment) -> PaymentSummary:
+        return cls(
             id=p.id,
             tenant_id=p.tenant_id,
             amount=p.amount,
@@ -58,6 +46,21 @@ class PaymentsDirectory:
             provider_reference=p.provider_reference,
             created_at=p.created_at,
         )
+
+
+class PaymentsReader(Protocol):
+    """Read-only lookups for work done on a tenant's behalf outside a request (jobs)."""
+
+    async def find_payment(self, tenant_id: uuid.UUID, payment_id: uuid.UUID) -> PaymentSummary | None: ...
+
+
+class PaymentsDirectory:
+    def __init__(self, service: PaymentsService) -> None:
+        self._service = service
+
+    async def find_payment(self, tenant_id: uuid.UUID, payment_id: uuid.UUID) -> PaymentSummary | None:
+        p = await self._service.find_payment(tenant_id, payment_id)
+        return PaymentSummary.of(p) if p is not None else None
 
 
 _PAYMENT = (
