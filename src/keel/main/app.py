@@ -13,11 +13,20 @@ from litestar.exceptions import HTTPException, NotFoundException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIType,
+    RequestBody,
+    Schema,
+    SecurityScheme,
+)
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from opentelemetry.sdk.trace import TracerProvider
 
 from keel.contexts.accounts.adapters.http.controllers import ROUTES as ACCOUNTS_ROUTES
+from keel.contexts.media.adapters.http.controllers import ROUTES as MEDIA_ROUTES
 from keel.contexts.payments.adapters.http.controllers import ROUTES as PAYMENTS_ROUTES
 from keel.contexts.webhooks.adapters.http.controllers import ROUTES as WEBHOOKS_ROUTES
 from keel.main.auth import PUBLIC_PATHS, ApiKeyAuthMiddleware
@@ -40,9 +49,10 @@ _BODY_METHODS = {"POST", "PUT", "PATCH"}
 async def require_json_body(request: Request[Any, Any, Any]) -> None:
     """415 for a body sent with a media type the handler does not read (JSON unless it says otherwise)."""
     data = request.route_handler.parsed_fn_signature.parameters.get("data")
-    if request.method not in _BODY_METHODS or data is None:
+    raw = request.route_handler.opt.get("raw_body", False)  # the handler reads the bytes itself
+    if request.method not in _BODY_METHODS or (data is None and not raw):
         return
-    if data.has_default and _sent_no_body(request):
+    if data is not None and data.has_default and _sent_no_body(request):
         return  # an optional body left out (a full refund, say)
     accepted: tuple[str, ...] = request.route_handler.opt.get("accepts", ("application/json",))
     media_type = request.content_type[0].lower()
@@ -51,7 +61,9 @@ async def require_json_body(request: Request[Any, Any, Any]) -> None:
     raise HTTPException(
         status_code=415,
         detail=f"Content-Type must be one of: {', '.join(accepted)}.",
-        headers={"Accept-Post" if request.method == "POST" else "Accept-Patch": ", ".join(accepted)},
+        headers={"Accept-Post" if request.method == "POST" else "Accept-Patch": ", ".join(accepted)}
+        if request.method != "PUT"  # there is no Accept-Put header; the OpenAPI document lists the types
+        else None,
     )
 
 
@@ -75,14 +87,18 @@ async def docs(request: Request[Any, Any, Any]) -> bytes:
 
 def _publish_body_rules(app: Litestar) -> None:
     """Say in the schema what Litestar leaves out: request bodies reject unknown fields
-    (``additionalProperties: false``), and a body the handler defaults is optional.
+    (``additionalProperties: false``), a body the handler defaults is optional, and a handler that
+    reads raw bytes (``opt raw_body``, e.g. an image upload) takes a binary body of its ``accepts`` types.
 
     Runs at start-up, before anything renders the document, so every view of it agrees.
     """
     closed: set[str] = set()
     optional: set[tuple[str, str]] = set()
+    raw: dict[tuple[str, str], tuple[str, ...]] = {}
     for route in app.routes:
         for handler in getattr(route, "route_handlers", ()):
+            if handler.opt.get("raw_body"):
+                raw.update(((route.path_format, m.lower()), handler.opt["accepts"]) for m in handler.http_methods)
             data = handler.parsed_fn_signature.parameters.get("data")
             if data is None:
                 continue
@@ -103,6 +119,12 @@ def _publish_body_rules(app: Litestar) -> None:
         operation = getattr((schema.paths or {}).get(path), method, None)
         if operation is not None and operation.request_body is not None:
             operation.request_body.required = False
+    binary = Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
+    for (path, method), media_types in raw.items():
+        operation = getattr((schema.paths or {}).get(path), method, None)
+        if operation is not None:
+            content = {t: OpenAPIMediaType(schema=binary) for t in media_types}
+            operation.request_body = RequestBody(content=content, required=True)
     _schema_document(app)
 
 
@@ -145,6 +167,7 @@ def create_app(
             *ACCOUNTS_ROUTES,
             *WEBHOOKS_ROUTES,
             *PAYMENTS_ROUTES,
+            *MEDIA_ROUTES,
             JobController,
             healthz,
             livez,
@@ -156,6 +179,7 @@ def create_app(
             "accounts": Provide(lambda: container.accounts, sync_to_thread=False),
             "webhooks": Provide(lambda: container.webhooks, sync_to_thread=False),
             "payments": Provide(lambda: container.payments, sync_to_thread=False),
+            "media": Provide(lambda: container.media, sync_to_thread=False),
             "jobs": Provide(lambda: container.jobs, sync_to_thread=False),
             "health": Provide(lambda: container.health, sync_to_thread=False),
             "principal": Provide(provide_principal, sync_to_thread=False),

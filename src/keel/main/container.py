@@ -16,6 +16,12 @@ from keel.contexts.accounts.domain import caching as accounts_caching
 from keel.contexts.accounts.domain.services import AccountsService
 from keel.contexts.accounts.public import PUBLIC_EVENTS as ACCOUNT_EVENTS
 from keel.contexts.accounts.public import AccountsDirectory
+from keel.contexts.media.adapters import jobs as media_jobs
+from keel.contexts.media.adapters.filesystem_blobs import FilesystemBlobStore
+from keel.contexts.media.adapters.pillow_images import PillowImageProcessor
+from keel.contexts.media.adapters.sql.repositories import SqlMediaUnitOfWork
+from keel.contexts.media.domain.services import TRIGGERS as MEDIA_TRIGGERS
+from keel.contexts.media.domain.services import MediaService
 from keel.contexts.notifications.adapters import jobs as notifications_jobs
 from keel.contexts.notifications.adapters.mailers import FileMailer, SmtpMailer
 from keel.contexts.notifications.adapters.sql.repositories import SqlNotificationsUnitOfWork
@@ -81,6 +87,7 @@ class Container:
     webhooks: WebhooksService
     notifications: NotificationsService
     payments: PaymentsService
+    media: MediaService
     health: HealthProbe
     webhook_sender: HttpxWebhookSender
     payment_provider: PaymentProvider
@@ -156,7 +163,7 @@ def subscribe_jobs(events: EventDispatcher, jobs: JobQueue) -> None:
         events.subscribe(event_type, enqueue(FAN_OUT_JOB))
     for event_type in TRIGGERS:
         events.subscribe(event_type, enqueue(SEND_JOB))
-    for event_type, job_name in PAYMENT_TRIGGERS.items():
+    for event_type, job_name in {**PAYMENT_TRIGGERS, **MEDIA_TRIGGERS}.items():
         events.subscribe(event_type, enqueue(job_name))
 
 
@@ -228,11 +235,20 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
     )
     provider = _payment_provider(settings, sessions, clock)
     payments = PaymentsService(lambda: SqlPaymentsUnitOfWork(sessions, relay), provider, jobs, clock, cache)
+    directory = AccountsDirectory(accounts)
+    media = MediaService(
+        lambda: SqlMediaUnitOfWork(sessions, relay),
+        FilesystemBlobStore(settings.data_dir / "blobs"),
+        PillowImageProcessor(max_pixels=settings.media_max_pixels),
+        directory,
+        directory,
+        clock,
+    )
     notifications = NotificationsService(
         lambda: SqlNotificationsUnitOfWork(sessions, relay),
         mailer,
         JinjaTemplateRenderer(),
-        AccountsDirectory(accounts),
+        directory,
         PaymentsDirectory(payments),
         clock,
     )
@@ -243,6 +259,7 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         *webhooks_jobs.job_specs(webhooks),
         *notifications_jobs.job_specs(notifications),
         *payments_jobs.job_specs(payments),
+        *media_jobs.job_specs(media),
     )
     periodic = [*outbox_periodic, *webhooks_jobs.PERIODIC, *payments_jobs.PERIODIC]
     if isinstance(jobs, InProcessJobQueue):
@@ -266,6 +283,7 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         webhooks=webhooks,
         notifications=notifications,
         payments=payments,
+        media=media,
         health=HealthProbe(checks, settings.health_timeout),
         webhook_sender=sender,
         payment_provider=provider,

@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
+from keel.contexts.media.domain.model import MAX_PIXELS
 from keel.contexts.webhooks.domain.model import RETRY_SCHEDULE
 
 N = TypeVar("N", int, float)
@@ -65,6 +66,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     payments_sandbox_latency: float = 0.0  # seconds the sandbox provider takes per call
     stripe_secret_key: Secret | None = None
     stripe_api_base: str | None = None  # default: Stripe's own API; a local stub in tests
+    media_max_pixels: int = MAX_PIXELS  # larger images are refused at upload (decompression bombs)
     otel_endpoint: str | None = None
     service_name: str = "keel"
 
@@ -221,6 +223,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kwargs["stripe_api_base"] = v.rstrip("/")
     if kwargs.get("payments_provider") == "stripe" and "stripe_secret_key" not in kwargs:
         raise SettingsError("KEEL_PAYMENTS_PROVIDER=stripe needs KEEL_STRIPE_SECRET_KEY")
+    if (v := get("KEEL_MEDIA_MAX_PIXELS")) is not None:
+        kwargs["media_max_pixels"] = _int("KEEL_MEDIA_MAX_PIXELS", v, 1, 200_000_000)
     kwargs["otel_endpoint"] = get("OTEL_EXPORTER_OTLP_ENDPOINT") or get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if (v := get("OTEL_SERVICE_NAME")) is not None:
         kwargs["service_name"] = v

@@ -42,6 +42,14 @@ class Directory(Protocol):
     async def find_user(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> UserSummary | None: ...
 
 
+class Profiles(Protocol):
+    """What other contexts may change on a user's profile."""
+
+    async def set_avatar(self, tenant_id: uuid.UUID, user_id: uuid.UUID, avatar_url: str | None) -> bool:
+        """False when the user no longer exists. Emits ``user.updated`` (the cached profile is invalidated)."""
+        ...
+
+
 class AccountsDirectory:
     def __init__(self, service: AccountsService) -> None:
         self._service = service
@@ -53,6 +61,9 @@ class AccountsDirectory:
     async def find_user(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> UserSummary | None:
         u = await self._service.find_user(tenant_id, user_id)
         return UserSummary(id=u.id, tenant_id=u.tenant_id, email=u.email, name=u.name) if u else None
+
+    async def set_avatar(self, tenant_id: uuid.UUID, user_id: uuid.UUID, avatar_url: str | None) -> bool:
+        return await self._service.set_avatar(tenant_id, user_id, avatar_url)
 
 
 # Events other contexts may react to, with the fields of their data that may leave Keel (webhooks).

@@ -10,7 +10,7 @@ import uuid
 
 from keel.platform.domain.events import Event
 
-SCHEMA = 1
+SCHEMA = 2  # 2: users carry avatar_url
 _PREFIX = f"keel:accounts:v{SCHEMA}"
 
 API_KEY_TTL = 300.0

@@ -55,6 +55,7 @@ class User:
     role: Role
     created_at: datetime
     updated_at: datetime
+    avatar_url: str | None = None  # set by the media context once the avatar's variants exist
 
 
 @dataclass(slots=True, kw_only=True)

@@ -255,6 +255,19 @@ class AccountsService:
             await uow.commit()
         return updated
 
+    async def set_avatar(self, tenant_id: uuid.UUID, user_id: uuid.UUID, avatar_url: str | None) -> bool:
+        """Point the profile at its avatar (media jobs call this); False when the user is gone."""
+        async with self._uow() as uow:
+            user = await uow.users.get(tenant_id, user_id)
+            if user is None:
+                return False
+            if user.avatar_url == avatar_url:
+                return True
+            await uow.users.update(replace(user, avatar_url=avatar_url, updated_at=self._clock.now()))
+            uow.record(self._event("user.updated", tenant_id, user_id=str(user_id), changed=["avatar_url"]))
+            await uow.commit()
+        return True
+
     async def delete_user(self, who: Principal, user_id: uuid.UUID) -> None:
         async with self._uow() as uow:
             user = await uow.users.get(who.tenant_id, user_id)

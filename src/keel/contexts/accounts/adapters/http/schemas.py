@@ -106,12 +106,21 @@ class UserOut(msgspec.Struct, frozen=True, kw_only=True):
     email: str
     name: str
     role: Role
+    avatar_url: str | None
     created_at: datetime
     updated_at: datetime
 
     @classmethod
     def of(cls, u: User) -> UserOut:
-        return cls(id=u.id, email=u.email, name=u.name, role=u.role, created_at=u.created_at, updated_at=u.updated_at)
+        return cls(
+            id=u.id,
+            email=u.email,
+            name=u.name,
+            role=u.role,
+            avatar_url=u.avatar_url,
+            created_at=u.created_at,
+            updated_at=u.updated_at,
+        )
 
 
 class UserList(msgspec.Struct, frozen=True, kw_only=True):

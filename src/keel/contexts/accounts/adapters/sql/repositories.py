@@ -37,6 +37,7 @@ def _user(row: UserRow) -> User:
         role=Role(row.role),
         created_at=row.created_at,
         updated_at=row.updated_at,
+        avatar_url=row.avatar_url,
     )
 
 
@@ -106,6 +107,7 @@ class SqlUserRepository:
                 email=user.email,
                 name=user.name,
                 role=user.role.value,
+                avatar_url=user.avatar_url,
                 created_at=user.created_at,
                 updated_at=user.updated_at,
             )
@@ -128,6 +130,7 @@ class SqlUserRepository:
         row.email = user.email
         row.name = user.name
         row.role = user.role.value
+        row.avatar_url = user.avatar_url
         row.updated_at = user.updated_at
         await self._flush()
 
