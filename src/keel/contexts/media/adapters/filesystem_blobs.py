@@ -51,7 +51,7 @@ class FilesystemBlobStore:
         try:
             data = path.read_bytes()
             content_type = path.with_name(path.name + _TYPE_SUFFIX).read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         return Blob(data=data, content_type=content_type)
 

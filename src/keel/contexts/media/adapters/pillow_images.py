@@ -49,6 +49,9 @@ def _inspect(data: bytes, max_pixels: int) -> ImageInfo:
 def _square_variant(data: bytes, size: int, max_pixels: int) -> bytes:
     image = _open(data, max_pixels)
     image = ImageOps.exif_transpose(image)  # phones store rotation as EXIF; apply it before cropping
+    if image.mode in ("I;16", "I;16L", "I;16B", "I"):
+        # 16/32-bit greyscale: convert() would clip to white instead of scaling down to 8 bits.
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
     image = image.convert("RGBA" if image.mode in ("RGBA", "LA", "P") else "RGB")
     image = ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)
     out = io.BytesIO()

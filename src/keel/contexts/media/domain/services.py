@@ -106,14 +106,18 @@ class MediaService:
         """Make the variants of an upload; idempotent, and a newer upload supersedes this one."""
         async with self._uow() as uow:
             avatar = await uow.avatars.get(tenant_id, user_id)
+        prefix = blob_prefix(tenant_id, user_id, upload_id)
         if avatar is None or avatar.upload_id != upload_id:
+            # A newer upload replaced this one before it was processed: its original is garbage, unless
+            # (a late duplicate of this job) its variants are the ones being served.
+            if avatar is None or not any(v.key.startswith(prefix + "/") for v in avatar.variants.values()):
+                await self._blobs.delete_prefix(prefix)
             return "superseded"
         if avatar.status is not AvatarStatus.PROCESSING:
             return f"already {avatar.status.value}"
         original = await self._blobs.get(avatar.original_key)
         if original is None:
             return await self._fail(avatar, "The original upload is missing.")
-        prefix = blob_prefix(tenant_id, user_id, upload_id)
         variants: dict[int, Variant] = {}
         try:
             for size in AVATAR_SIZES:
@@ -147,7 +151,8 @@ class MediaService:
         async with self._uow() as uow:
             current = await uow.avatars.get(avatar.tenant_id, avatar.user_id)
             if current is not None and current.upload_id == avatar.upload_id:
-                await uow.avatars.save(replace(current, status=AvatarStatus.FAILED, error=reason))
+                failed = replace(current, status=AvatarStatus.FAILED, error=reason, updated_at=self._clock.now())
+                await uow.avatars.save(failed)
                 await uow.commit()
         return "failed"
 
