@@ -78,7 +78,9 @@ class AvatarController(Controller):
         image = await media.avatar_image(principal, user_id, size)
         etag = f'"{image.etag}"'
         headers = {"ETag": etag, "Cache-Control": _CACHE_CONTROL}
-        if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        # RFC 9110 13.1.2: weak comparison, and "*" matches any current representation.
+        tags = [t.strip().removeprefix("W/") for t in request.headers.get("if-none-match", "").split(",")]
+        if "*" in tags or etag in tags:
             return Response(b"", status_code=HTTP_304_NOT_MODIFIED, headers=headers)
         return Response(image.data, media_type=image.content_type, headers=headers)
 
