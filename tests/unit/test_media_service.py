@@ -252,7 +252,10 @@ async def test_processing_twice_does_the_work_once(
 
     assert current(state, ZOE) == avatar
     assert blobs.blobs == stored
-    assert len(profiles.calls) == 1
+    # The repeat only re-asserts the profile's pointer (a run may have died before setting it);
+    # accounts treats the same value as no change and emits nothing.
+    assert len(profiles.calls) == 2
+    assert profiles.calls[1] == profiles.calls[0]
 
 
 async def test_a_newer_upload_supersedes_a_pending_one(

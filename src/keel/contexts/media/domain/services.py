@@ -40,6 +40,10 @@ class AvatarImage:
     content_type: str = VARIANT_TYPE
 
 
+def avatar_url(user_id: uuid.UUID) -> str:
+    return f"/v1/users/{user_id}/avatar"
+
+
 class MediaService:
     def __init__(
         self,
@@ -113,6 +117,10 @@ class MediaService:
             if avatar is None or not any(v.key.startswith(prefix + "/") for v in avatar.variants.values()):
                 await self._blobs.delete_prefix(prefix)
             return "superseded"
+        if avatar.status is AvatarStatus.READY:
+            # A retry of a run that died after saving: the profile may not point at the avatar yet.
+            await self._profiles.set_avatar(tenant_id, user_id, avatar_url(user_id))
+            return "already ready"
         if avatar.status is not AvatarStatus.PROCESSING:
             return f"already {avatar.status.value}"
         original = await self._blobs.get(avatar.original_key)
@@ -138,7 +146,7 @@ class MediaService:
             )
             await uow.commit()
         await self._forget_uploads_before(previous, upload_id)
-        await self._profiles.set_avatar(tenant_id, user_id, f"/v1/users/{user_id}/avatar")
+        await self._profiles.set_avatar(tenant_id, user_id, avatar_url(user_id))
         return "ready"
 
     async def _forget_uploads_before(self, previous: Mapping[int, Variant], upload_id: uuid.UUID) -> None:
