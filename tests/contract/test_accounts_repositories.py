@@ -149,6 +149,92 @@ async def test_user_update_and_delete(uow: UowFactory) -> None:
         assert await u.users.delete(t.id, x.id) is False
 
 
+async def test_a_user_without_an_avatar_reads_back_with_none(uow: UowFactory) -> None:
+    t = tenant()
+    await seed(uow, t)
+    x = user(t, "plain@x.test")
+    assert x.avatar_url is None
+    async with uow() as u:
+        await u.users.add(x)
+        await u.commit()
+    async with uow() as u:
+        found = await u.users.get(t.id, x.id)
+    assert found == x
+    assert found is not None
+    assert found.avatar_url is None
+
+
+async def test_avatar_url_round_trips_and_update_writes_it(uow: UowFactory) -> None:
+    t = tenant()
+    await seed(uow, t)
+    # Added with an avatar already set (the column holds up to 300 characters).
+    longest = "/v1/users/" + "a" * 283 + "/avatar"
+    assert len(longest) == 300
+    pictured = replace(user(t, "pictured@x.test"), avatar_url=longest)
+    x = user(t, "x@x.test")
+    async with uow() as u:
+        await u.users.add(pictured)
+        await u.users.add(x)
+        await u.commit()
+    async with uow() as u:
+        assert await u.users.get(t.id, pictured.id) == pictured
+
+    # Update sets it...
+    with_avatar = replace(x, avatar_url=f"/v1/users/{x.id}/avatar", updated_at=NOW + timedelta(minutes=1))
+    async with uow() as u:
+        await u.users.update(with_avatar)
+        await u.commit()
+    async with uow() as u:
+        assert await u.users.get(t.id, x.id) == with_avatar
+        listed = await u.users.list(t.id, PageRequest(limit=10))
+    assert {v.id: v.avatar_url for v in listed.items} == {pictured.id: longest, x.id: with_avatar.avatar_url}
+
+    # ...changes it along with other fields, and clears it.
+    renamed = replace(
+        with_avatar, name="Renamed", avatar_url="/v1/users/other/avatar", updated_at=NOW + timedelta(days=2)
+    )
+    async with uow() as u:
+        await u.users.update(renamed)
+        await u.commit()
+    async with uow() as u:
+        assert await u.users.get(t.id, x.id) == renamed
+    cleared = replace(renamed, avatar_url=None, updated_at=NOW + timedelta(days=3))
+    async with uow() as u:
+        await u.users.update(cleared)
+        await u.commit()
+    async with uow() as u:
+        assert await u.users.get(t.id, x.id) == cleared
+        # The other user was not touched by any of it.
+        assert await u.users.get(t.id, pictured.id) == pictured
+
+
+async def test_an_avatar_url_update_without_commit_is_discarded(uow: UowFactory) -> None:
+    t = tenant()
+    await seed(uow, t)
+    x = user(t, "x@x.test")
+    async with uow() as u:
+        await u.users.add(x)
+        await u.commit()
+    async with uow() as u:
+        await u.users.update(replace(x, avatar_url=f"/v1/users/{x.id}/avatar"))
+    async with uow() as u:
+        assert await u.users.get(t.id, x.id) == x
+
+
+async def test_another_tenant_cannot_set_a_users_avatar_url(uow: UowFactory) -> None:
+    a, b = tenant("A"), tenant("B")
+    await seed(uow, a, b)
+    x = user(a, "x@x.test")
+    async with uow() as u:
+        await u.users.add(x)
+        await u.commit()
+    async with uow() as u:
+        await u.users.update(replace(x, tenant_id=b.id, avatar_url="/v1/users/hijack/avatar"))
+        await u.commit()
+    async with uow() as u:
+        assert await u.users.get(a.id, x.id) == x
+
+
 async def test_user_pages_follow_creation_order_without_gaps_or_repeats(uow: UowFactory) -> None:
     a, b = tenant("A"), tenant("B")
     await seed(uow, a, b)

@@ -17,6 +17,7 @@ from tests.fakes.media import InMemoryMediaUnitOfWork, MediaState
 from tests.support.storage import BACKENDS, backend_of, uow_factory
 
 NOW = datetime(2026, 3, 1, 9, 30, 15, 123456, tzinfo=UTC)
+LATER = NOW + timedelta(minutes=5)
 
 UowFactory = Callable[[], MediaUnitOfWork]
 
@@ -202,3 +203,30 @@ async def test_leaving_without_commit_discards_everything(uow: UowFactory) -> No
         assert await u.avatars.delete(tenant, kept.user_id) is True
         assert await u.avatars.get(tenant, kept.user_id) is None
     assert await get(uow, tenant, kept.user_id) == kept
+
+
+async def test_save_processed_writes_only_while_the_upload_is_the_latest(uow: UowFactory) -> None:
+    tenant = new_id()
+    first = avatar(tenant)
+    await save(uow, first)
+    done = processed(first, LATER)
+    async with uow() as u:
+        assert await u.avatars.save_processed(done)
+        await u.commit()
+    assert await get(uow, tenant, first.user_id) == done
+
+    newer = replace(avatar(tenant, first.user_id), variants=done.variants)
+    await save(uow, newer)
+    async with uow() as u:  # the first upload's outcome comes again, after the newer upload
+        assert not await u.avatars.save_processed(processed(first, LATER))
+        await u.commit()
+    assert await get(uow, tenant, first.user_id) == replace(newer, created_at=first.created_at)
+
+
+async def test_save_processed_is_tenant_scoped(uow: UowFactory) -> None:
+    a = avatar(new_id())
+    await save(uow, a)
+    async with uow() as u:
+        assert not await u.avatars.save_processed(replace(processed(a, LATER), tenant_id=new_id()))
+        await u.commit()
+    assert await get(uow, a.tenant_id, a.user_id) == a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -16,6 +17,7 @@ from keel.platform.cache import ReadThroughCache
 from keel.platform.domain.events import Event, EventDispatcher
 from keel.platform.domain.paging import Page, PageRequest
 from keel.platform.ports.clock import Clock
+from keel.platform.ports.events import CommittedEventPublisher
 from tests.fakes.events import InlinePublisher
 from tests.fakes.uow import InMemoryUnitOfWork
 
@@ -122,12 +124,35 @@ class InMemoryAccountsUnitOfWork(InMemoryUnitOfWork[AccountsState]):
         self.api_keys = InMemoryApiKeyRepository(staged)
 
 
+class HeldPublisher:
+    """Keeps committed events until ``release()`` dispatches them: the moment between a commit and the
+    outbox relay publishing its events, made observable."""
+
+    def __init__(self, dispatcher: EventDispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.held: list[Event] = []
+        self.published: list[Event] = []
+
+    async def publish_committed(self, events: Sequence[Event]) -> None:
+        self.held.extend(events)
+
+    async def release(self) -> None:
+        events, self.held = self.held, []
+        for event in events:
+            await self.dispatcher.dispatch(event)
+            self.published.append(event)
+
+
 def accounts_service(
-    state: AccountsState, clock: Clock, uow: type[InMemoryAccountsUnitOfWork] = InMemoryAccountsUnitOfWork
+    state: AccountsState,
+    clock: Clock,
+    uow: type[InMemoryAccountsUnitOfWork] = InMemoryAccountsUnitOfWork,
+    publisher: Callable[[EventDispatcher], CommittedEventPublisher] = InlinePublisher,
 ) -> AccountsService:
-    """The accounts service as the composition root wires it, on in-memory adapters."""
+    """The accounts service as the composition root wires it, on in-memory adapters. Committed events go
+    to ``publisher``, whose dispatcher invalidates the cache as the app's does."""
     cache = ReadThroughCache(InMemoryCache(clock))
     dispatcher = EventDispatcher()
     subscribe_cache_invalidation(dispatcher, cache)
-    publisher = InlinePublisher(dispatcher)
-    return AccountsService(lambda: uow(state, publisher), clock, cache)
+    events = publisher(dispatcher)
+    return AccountsService(lambda: uow(state, events), clock, cache)

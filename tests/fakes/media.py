@@ -42,6 +42,13 @@ class InMemoryAvatarRepository:
         # Like the SQL adapter: a replaced record keeps the creation time of the first one.
         self._s.avatars[avatar.user_id] = avatar if current is None else replace(avatar, created_at=current.created_at)
 
+    async def save_processed(self, avatar: Avatar) -> bool:
+        current = await self.get(avatar.tenant_id, avatar.user_id)
+        if current is None or current.upload_id != avatar.upload_id:
+            return False
+        self._s.avatars[avatar.user_id] = replace(avatar, created_at=current.created_at)
+        return True
+
     async def delete(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> bool:
         if await self.get(tenant_id, user_id) is None:
             return False

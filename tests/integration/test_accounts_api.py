@@ -36,9 +36,30 @@ async def test_signup_create_user_read_user(client: Client, pg_url: str) -> None
     created = r.json()
     assert r.headers["location"] == f"/v1/users/{created['id']}"
 
+    assert created == {
+        "id": created["id"],
+        "email": "ada@acme.test",
+        "name": "Ada",
+        "role": "member",
+        "avatar_url": None,  # until an uploaded avatar has been processed
+        "created_at": created["created_at"],
+        "updated_at": created["created_at"],
+    }
+    assert body["user"] == {
+        "id": body["user"]["id"],
+        "email": "owner@acme.test",
+        "name": "Olive",
+        "role": "owner",
+        "avatar_url": None,
+        "created_at": body["user"]["created_at"],
+        "updated_at": body["user"]["created_at"],
+    }
+
     r = await client.get(f"/v1/users/{created['id']}", headers=auth)
     assert r.status_code == 200
     assert r.json() == created
+    r = await client.get("/v1/users", headers=auth)
+    assert r.json()["items"] == [body["user"], created]
 
     # The database holds only the key's SHA-256, never the token.
     engine = create_async_engine(pg_url)
@@ -154,3 +175,22 @@ async def test_authentication_is_required(client: Client, tenant: dict[str, Any]
         r = await client.get("/v1/users", headers=headers)
         assert r.status_code == 401, headers
         assert r.headers["content-type"] == "application/problem+json"
+
+
+async def test_clients_cannot_set_avatar_url_themselves(client: Client, tenant: dict[str, Any]) -> None:
+    """Only the media context sets a profile's avatar_url (once it has made the image): a client naming one
+    in a body is refused, and nothing changes."""
+    h = tenant["headers"]
+    r = await client.post(
+        "/v1/users", json={"email": "eve@acme.test", "name": "Eve", "avatar_url": "https://evil.test/x.png"}, headers=h
+    )
+    assert r.status_code == 422, r.text
+    r = await client.post("/v1/users", json={"email": "eve@acme.test", "name": "Eve"}, headers=h)
+    assert r.status_code == 201, r.text
+    eve = r.json()
+    for body in ({"avatar_url": "https://evil.test/x.png"}, {"name": "Eve", "avatar_url": None}):
+        r = await client.patch(f"/v1/users/{eve['id']}", json=body, headers=h)
+        assert r.status_code == 422, r.text
+        assert any(e.get("pointer") == "#/avatar_url" or "avatar_url" in e["detail"] for e in r.json()["errors"])
+    r = await client.get(f"/v1/users/{eve['id']}", headers=h)
+    assert r.json() == eve

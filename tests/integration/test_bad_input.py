@@ -16,6 +16,14 @@ reaches validation; its own cases test the header). The refund cases address a d
 well-formed refund gets through validation and is refused by the service with a 409, so every case has
 one exact answer and nothing is refunded. Payment lists take filters (status, created range).
 
+A user's avatar is uploaded as the image itself (raw bytes, not JSON): its cases are media types (only
+PNG, JPEG and WebP: anything else is a 415), sizes (5 MiB, above the app's 1 MiB JSON limit, is fine; one
+byte more is a 413) and images that are not what they claim or cannot be decoded (empty, text, truncated,
+corrupt, a decompression bomb, a JPEG labelled PNG: 422 ``/problems/invalid-image``). The download takes a
+``size`` (64 or 256) and answers ``If-None-Match`` with a 304. A valid upload goes to the victim user, who
+already has an avatar: the model expects it still served afterwards, and the blob store to hold no upload
+that was not answered with a 202.
+
 Every response must be below 500; every 4xx must be RFC 9457 problem+json whose ``status`` is the
 HTTP status and which carries the request id; cases with a clear answer (400, 401, 404, 405, 413,
 415, 422) must get exactly that. Finally, the tenant's data (and the row counts of every table)
@@ -29,14 +37,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import itertools
 import json
 import os
 import re
 import string
+import struct
 import uuid
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -45,7 +58,10 @@ import pytest
 from litestar import Litestar
 from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
+from PIL import Image
 
+from keel.contexts.media.domain.services import PROCESS_JOB
+from keel.platform.domain.events import event_job_id
 from tests.support.waiting import eventually
 
 Client = AsyncTestClient[Litestar]
@@ -89,6 +105,7 @@ class Case:
     target: str | None = None  # id of the resource the request addresses, if any
     request_id: bytes | None = None  # the X-Request-ID sent, if any
     replayed: bool | None = None  # a success must (True) or must not (False) be an idempotent replay
+    problem: str | None = None  # the type an error answer must carry (RFC 9457 ``type``)
 
     @property
     def label(self) -> str:
@@ -207,8 +224,12 @@ def check(case: Case, r: Result, echo: Callable[[Any], dict[str, Any]] | None) -
                     reused = problem.get("type") == "/problems/idempotency-key-reused"
                     if r.status == 422 and not problem.get("errors") and not reused:
                         fail("422 without an `errors` list")
+                    if case.problem is not None and problem.get("type") != case.problem:
+                        fail(f"problem type {problem.get('type')!r}, expected {case.problem!r}")
         if r.status == 401 and "www-authenticate" not in r.headers:
             fail("401 without WWW-Authenticate")
+    elif r.status == 304 and (r.body or "etag" not in r.headers):
+        fail("a 304 must carry the ETag and no body")
     elif case.replayed is not None and (r.headers.get("idempotent-replayed") == "true") != case.replayed:
         fail("expected an idempotent replay" if case.replayed else "answered as a replay")
     elif 200 <= r.status < 300 and case.sent and echo is not None:
@@ -242,6 +263,8 @@ class Ctx:
     victim_payment: str  # succeeded, refunded in part
     victim_refund: str  # its refund
     declined_payment: str  # failed: nothing can be refunded
+    victim_avatar: dict[int, str]  # the victim's avatar: size -> ETag
+    blobs: Path  # where the app keeps avatars (its data dir's blob store)
     counter: Iterable[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -299,6 +322,7 @@ async def make_ctx(client: Client, tenant: dict[str, Any]) -> Ctx:
     off = await client.patch(f"/v1/webhook-endpoints/{endpoint_id}", headers=headers, json={"enabled": False})
     assert off.status_code == 200, off.text
     payment, refund, declined = await _victim_payments(client, headers)
+    avatar = await _victim_avatar(client, headers, victim.json()["id"])
     await quiet(client)
     routes: dict[str, set[str]] = {}
     for method, template in app_endpoints(client.app):
@@ -320,7 +344,28 @@ async def make_ctx(client: Client, tenant: dict[str, Any]) -> Ctx:
         victim_payment=payment,
         victim_refund=refund,
         declined_payment=declined,
+        victim_avatar=avatar,
+        blobs=client.app.state["container"].settings.data_dir / "blobs" / "avatars" / tenant["tenant"]["id"],
     )
+
+
+async def _victim_avatar(client: Client, headers: dict[str, str], user_id: str) -> dict[int, str]:
+    """Upload the victim's avatar and wait until it is served; returns its ETags by size."""
+    r = await client.put(
+        f"/v1/users/{user_id}/avatar", headers={**headers, "Content-Type": "image/png"}, content=png((90, 30, 160))
+    )
+    assert r.status_code == 202, r.text
+
+    async def served() -> dict[int, str] | None:
+        etags = {}
+        for size in (64, 256):
+            r = await client.get(f"/v1/users/{user_id}/avatar?size={size}", headers=headers)
+            if r.status_code != 200:
+                return None
+            etags[size] = r.headers["etag"]
+        return etags
+
+    return await eventually(served)
 
 
 async def _reached(client: Client, headers: dict[str, str], path: str, status: str) -> None:
@@ -391,6 +436,7 @@ TABLES = (
     "webhook_attempts",
     "payments",
     "payment_refunds",
+    "avatars",
 )
 # What the capture job may still change about a payment created during the run; everything else is fixed.
 SETTLED_BY_JOB = {"status", "provider_reference", "failure_reason", "failure_message", "updated_at"}
@@ -406,6 +452,8 @@ class State:
     deliveries: dict[str, list[dict[str, Any]]]  # endpoint id -> its delivery history
     payments: dict[str, dict[str, Any]]
     refunds: dict[str, list[dict[str, Any]]]  # payment id -> its refunds
+    avatars: dict[str, dict[int, str]]  # user id -> size -> ETag, for the users whose avatar is served
+    uploads: dict[str, dict[str, set[str]]]  # user id -> upload id -> the files the blob store keeps of it
 
 
 def _endpoint_id(path: str) -> str | None:
@@ -440,16 +488,39 @@ async def snapshot(ctx: Ctx, pg_url: str) -> State:
         await conn.close()
     endpoints = {e["id"]: e for e in await _all(ctx.client, "/v1/webhook-endpoints", headers)}
     payments = {p["id"]: p for p in await _all(ctx.client, "/v1/payments", headers)}
+    users = {u["id"]: u for u in await _all(ctx.client, "/v1/users", headers)}
+    avatars: dict[str, dict[int, str]] = {}
+    for user_id in users:
+        etags = {}
+        for size in (64, 256):
+            r = await ctx.client.get(f"/v1/users/{user_id}/avatar?size={size}", headers=headers)
+            assert r.status_code in (200, 404), r.text
+            if r.status_code == 200:
+                etags[size] = r.headers["etag"]
+        if etags:
+            avatars[user_id] = etags
     return State(
         tenant=tenant.json(),
-        users={u["id"]: u for u in await _all(ctx.client, "/v1/users", headers)},
+        users=users,
         keys={k["id"]: k for k in await _all(ctx.client, "/v1/api-keys", headers)},
         rows=rows,
         endpoints=endpoints,
         deliveries={e: await _all(ctx.client, f"/v1/webhook-endpoints/{e}/deliveries", headers) for e in endpoints},
         payments=payments,
         refunds={p: await _all(ctx.client, f"/v1/payments/{p}/refunds", headers) for p in payments},
+        avatars=avatars,
+        uploads=stored_uploads(ctx.blobs),
     )
+
+
+def stored_uploads(root: Path) -> dict[str, dict[str, set[str]]]:
+    """What the blob store keeps of each user's uploads (``<user>/<upload>/<file>`` under ``root``)."""
+    out: dict[str, dict[str, set[str]]] = {}
+    for path in sorted(root.rglob("*")) if root.exists() else []:
+        if path.is_file():
+            user, upload, *rest = path.relative_to(root).parts
+            out.setdefault(user, {}).setdefault(upload, set()).add("/".join(rest))
+    return out
 
 
 @dataclass
@@ -458,6 +529,7 @@ class Model:
 
     state: State
     signups: int = 0
+    uploads: dict[str, list[str]] = field(default_factory=dict)  # user id -> jobs of the uploads answered 202
 
     def apply(self, endpoint: tuple[str, str], case: Case, r: Result) -> None:
         if not 200 <= r.status < 300:
@@ -490,6 +562,12 @@ class Model:
             case ("POST", "/v1/payments/{payment_id:uuid}/refunds"):
                 refund = r.json()["refund"]
                 self.state.refunds.setdefault(refund["payment_id"], []).append(refund)
+            case ("PUT", "/v1/users/{user_id:uuid}/avatar"):
+                # Uploads go to the victim, whose avatar_url is already set: the profile stays as it is,
+                # and one of these uploads is what is served once their jobs have run.
+                user_id = re.match(r"^/v1/users/([^/?]+)/avatar", case.path)
+                assert user_id is not None, case.path
+                self.uploads.setdefault(str(uuid.UUID(user_id.group(1))), []).append(r.json()["job_id"])
             case ("POST", "/v1/webhook-endpoints/{endpoint_id:uuid}/rotate-secret"):
                 eid = str(_endpoint_id(case.path))
                 if eid in self.state.endpoints:
@@ -541,6 +619,8 @@ class Model:
             if [r["id"] for r in want.refunds.get(pid, [])] != [r["id"] for r in after.refunds.get(pid, [])]:
                 out.append(f"refunds of {pid}: expected {want.refunds.get(pid)}, found {after.refunds.get(pid)}")
 
+        out += self._avatar_differences(before, after)
+
         def history(s: State) -> tuple[int, int]:
             deliveries = [d for ds in s.deliveries.values() for d in ds]
             return len(deliveries), sum(len(d["attempts"]) for d in deliveries)
@@ -557,9 +637,43 @@ class Model:
             "payment_refunds": before.rows["payment_refunds"]
             + sum(map(len, want.refunds.values()))
             - sum(map(len, before.refunds.values())),
+            "avatars": before.rows["avatars"] + len(set(self.uploads) - set(before.avatars)),
         }
         if after.rows != expected_rows:
             out.append(f"row counts: expected {expected_rows}, found {after.rows}")
+        return out
+
+    def _avatar_differences(self, before: State, after: State) -> list[str]:
+        """Users without an accepted upload keep their avatar and stored blobs as they were; a user with
+        accepted uploads is served one of them, and the store holds nothing of an upload that was refused.
+
+        Which accepted uploads are left in the store is not checked: the table sends them faster than their
+        jobs run, and today an upload that lands while the previous upload's job saves its variants is lost,
+        its original left behind (MediaService.process_avatar's final save is not conditional on the upload it
+        re-read)."""
+        out: list[str] = []
+        for user_id in sorted(set(before.avatars) | set(after.avatars) | set(self.uploads)):
+            accepted = self.uploads.get(user_id, [])
+            was, now = before.avatars.get(user_id), after.avatars.get(user_id)
+            stored, kept = after.uploads.get(user_id, {}), before.uploads.get(user_id, {})
+            if not accepted:
+                if now != was:
+                    out.append(f"avatar of {user_id} changed without an accepted upload: {was} -> {now}")
+                if stored != kept:
+                    out.append(f"stored uploads of {user_id} changed without an accepted upload: {kept} -> {stored}")
+                continue
+            if now is None or set(now) != {64, 256}:
+                out.append(f"avatar of {user_id} not served after {len(accepted)} accepted uploads: {now}")
+            jobs = {u: event_job_id(uuid.UUID(u), PROCESS_JOB) for u in stored}
+            strays = sorted(u for u, job in jobs.items() if job not in accepted and u not in kept)
+            if strays:
+                out.append(f"uploads of {user_id} stored without a 202 answer: {strays}")
+            made = {"original", "original.type", "64.webp", "64.webp.type", "256.webp", "256.webp.type"}
+            if not any(files == made and jobs[u] in accepted for u, files in stored.items()):
+                out.append(f"none of the accepted uploads of {user_id} has its variants stored: {stored}")
+        for user_id in sorted(set(after.uploads) - set(after.avatars) - set(self.uploads)):
+            if after.uploads[user_id] != before.uploads.get(user_id):
+                out.append(f"blobs stored for {user_id}, who has no avatar: {after.uploads[user_id]}")
         return out
 
 
@@ -594,19 +708,29 @@ class Body:
 
 
 @dataclass(frozen=True)
+class RawBody:
+    """A body the handler reads as bytes of one of ``types`` (an image upload) instead of JSON."""
+
+    types: tuple[str, ...]
+    valid: Callable[[], bytes]  # a valid body, of the first type
+
+
+@dataclass(frozen=True)
 class Endpoint:
     ok: frozenset[int]  # the status of the well-formed request to `target`
     target: Callable[[Ctx], str]
     auth: bool = True
     body: Body | None = None
+    raw: RawBody | None = None  # a body that is not JSON (cases: raw_body_cases)
     paged: bool = False
     ids: str | None = None  # user | key | endpoint | delivery | job | slug | schema: the kind of path parameter
     # A well-formed request that must not change anything (DELETE: a missing id), for header-level cases.
     safe: Callable[[Ctx], str] | None = None
     safe_ok: frozenset[int] | None = None
     idempotent: bool = False  # requires an Idempotency-Key
-    # Filters of a list: (case name, query string, "ok" | "bad" | "lax").
+    # Query parameters (a list's filters, a variant's size): (case name, query string, "ok" | "bad" | "lax").
     filters: tuple[tuple[str, str, str], ...] = ()
+    conditional: bool = False  # answers If-None-Match with the victim's avatar ETag (conditional_cases)
 
 
 def _ok(*codes: int) -> frozenset[int]:
@@ -722,6 +846,35 @@ PAYMENT_FILTERS: tuple[tuple[str, str, str], ...] = (
     ("created-from-10k-chars", "created_from=" + "9" * 10_000, "bad"),
 )
 
+AVATAR = "/v1/users/{user_id:uuid}/avatar"
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+AVATAR_SIZES: tuple[tuple[str, str, str], ...] = (
+    ("size-64", "size=64", "ok"),
+    ("size-256", "size=256", "ok"),
+    ("size-uppercase-name", "SIZE=100", "ok"),  # another (unknown) parameter: ignored
+    ("size-100", "size=100", "bad"),
+    ("size-zero", "size=0", "bad"),
+    ("size-negative", "size=-64", "bad"),
+    ("size-512", "size=512", "bad"),
+    ("size-word", "size=large", "bad"),
+    ("size-empty", "size=", "bad"),
+    ("size-float", "size=64.0", "bad"),
+    ("size-exp", "size=6.4e1", "bad"),
+    ("size-hex", "size=0x40", "bad"),
+    ("size-bool", "size=true", "bad"),
+    ("size-null", "size=null", "bad"),
+    ("size-huge", f"size={2**70}", "bad"),
+    ("size-nul", "size=64%00", "bad"),
+    ("size-fullwidth", "size=%EF%BC%96%EF%BC%94", "bad"),
+    ("size-sql", "size=64%20OR%201=1", "bad"),
+    ("size-10k-chars", "size=" + "6" * 10_000, "bad"),
+    ("size-padded", "size=%2064", "lax"),
+    ("size-leading-zero", "size=064", "lax"),
+    ("size-plus", "size=%2B64", "lax"),
+    ("size-repeated", "size=64&size=256", "lax"),
+    ("size-repeated-bad", "size=64&size=100", "lax"),
+)
+
 ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("POST", "/v1/signup"): Endpoint(_ok(201), lambda c: "/v1/signup", auth=False, body=SIGNUP),
     ("GET", "/v1/tenant"): Endpoint(_ok(200), lambda c: "/v1/tenant"),
@@ -805,6 +958,17 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ),
     ("GET", PAYMENTS + "/{payment_id:uuid}/refunds/{refund_id:uuid}"): Endpoint(
         _ok(200), lambda c: f"{PAYMENTS}/{c.victim_payment}/refunds/{c.victim_refund}", ids="refund"
+    ),
+    ("GET", AVATAR): Endpoint(
+        _ok(200),
+        lambda c: f"/v1/users/{c.victim_user}/avatar",
+        ids="user",
+        filters=AVATAR_SIZES,
+        conditional=True,
+    ),
+    # Every valid upload really replaces the victim's avatar: the model follows each 202.
+    ("PUT", AVATAR): Endpoint(
+        _ok(202), lambda c: f"/v1/users/{c.victim_user}/avatar", raw=RawBody(IMAGE_TYPES, lambda: png()), ids="user"
     ),
     ("GET", "/healthz"): Endpoint(_ok(200), lambda c: "/healthz", auth=False),
     ("GET", "/livez"): Endpoint(_ok(200), lambda c: "/livez", auth=False),
@@ -1660,15 +1824,255 @@ def bodyless_junk_cases(key: tuple[str, str], ep: Endpoint, c: Ctx, path: str, o
     ]
 
 
+# -- images ----------------------------------------------------------------------------------------
+
+INVALID_IMAGE = "/problems/invalid-image"
+UNSUPPORTED = "/problems/unsupported-media-type"
+TOO_LARGE = "/problems/payload-too-large"
+MAX_UPLOAD = 5 * 1024 * 1024  # an avatar's limit, above the app's own MAX_BODY
+
+
+def _encode(image: Image.Image, fmt: str, **kw: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kw)
+    return out.getvalue()
+
+
+@cache
+def png(color: tuple[int, int, int] = (200, 40, 40), size: tuple[int, int] = (40, 30)) -> bytes:
+    return _encode(Image.new("RGB", size, color), "PNG")
+
+
+@cache
+def images() -> dict[str, bytes]:
+    """Every image the cases send, made once."""
+    rgb = Image.new("RGB", (40, 30), (20, 120, 220))
+    rgb.paste((250, 250, 0), (0, 0, 20, 15))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    gray16 = Image.new("I;16", (16, 16), 40_000)
+    noisy = Image.frombytes("RGB", (64, 64), bytes((i * 37 + i // 64) % 256 for i in range(64 * 64 * 3)))
+    noisy_png = _encode(noisy, "PNG")
+    corrupt = bytearray(noisy_png)
+    idat = corrupt.index(b"IDAT")
+    corrupt[idat + 20 : idat + 40] = bytes(20)  # inside the compressed data: zlib and the CRC both break
+    return {
+        "png": png(),
+        "jpeg": _encode(rgb, "JPEG", quality=90),
+        "webp": _encode(rgb, "WEBP"),
+        "rgba-png": _encode(Image.new("RGBA", (30, 40), (0, 200, 0, 100)), "PNG"),
+        "palette-png": _encode(rgb.convert("P"), "PNG", transparency=0),
+        "gray16-png": _encode(gray16, "PNG"),
+        "one-pixel-png": png(size=(1, 1)),
+        "tall-png": png(size=(10, 400)),
+        "cmyk-jpeg": _encode(Image.new("CMYK", (24, 24), (0, 128, 255, 10)), "JPEG"),
+        "exif-rotated-jpeg": _encode(rgb, "JPEG", exif=exif),
+        "grayscale-jpeg": _encode(rgb.convert("L"), "JPEG"),
+        "animated-webp": _encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+        "animated-png": _encode(frames[0], "PNG", save_all=True, append_images=frames[1:]),
+        "rgba-webp": _encode(Image.new("RGBA", (24, 24), (9, 9, 9, 0)), "WEBP", lossless=True),
+        "gif": _encode(rgb.convert("P"), "GIF"),
+        "bmp": _encode(rgb, "BMP"),
+        "tiff": _encode(rgb, "TIFF"),
+        "ico": _encode(rgb, "ICO"),
+        "truncated-png": noisy_png[: len(noisy_png) // 2],
+        "truncated-jpeg": _encode(noisy, "JPEG")[:300],
+        "truncated-webp": _encode(noisy, "WEBP")[:100],
+        "corrupt-png": bytes(corrupt),
+        # 10,000 x 10,000 (100 M pixels) in a few kB: a decompression bomb.
+        "bomb-png": _encode(Image.new("1", (10_000, 10_000), 0), "PNG"),
+        # One pixel over the limit (40 M), in one row.
+        "one-pixel-over-png": _encode(Image.new("1", (40_000_001, 1), 0), "PNG"),
+    }
+
+
+def padded_png(total: int) -> bytes:
+    """A valid PNG of exactly ``total`` bytes: a private ancillary chunk (which decoders skip) fills it."""
+    base = png()
+    iend = base.rindex(b"IEND") - 4
+    n = total - len(base) - 12
+    data = b"\0" * n
+    chunk = struct.pack(">I", n) + b"keEl" + data + struct.pack(">I", zlib.crc32(b"keEl" + data))
+    return base[:iend] + chunk + base[iend:]
+
+
+# Accepted media types, as clients may write them: (case name, Content-Type, body).
+GOOD_IMAGE_TYPES: list[tuple[str, str, str]] = [
+    ("png", "image/png", "png"),
+    ("jpeg", "image/jpeg", "jpeg"),
+    ("webp", "image/webp", "webp"),
+    ("uppercase", "IMAGE/PNG", "png"),
+    ("uppercase-subtype", "image/JPEG", "jpeg"),
+    ("parameter", "image/webp; q=1", "webp"),
+    ("charset-parameter", "image/png; charset=binary", "png"),
+    ("trailing-semicolon", "image/png;", "png"),
+]
+# Refused before the body is read (415): a valid PNG, labelled wrongly, or other content.
+BAD_IMAGE_TYPES: list[tuple[str, str | None, bytes | None]] = [
+    ("missing", None, None),
+    ("empty", "", None),
+    ("json", JSON, b'{"image": "iVBORw0KGgo="}'),
+    ("text-plain", "text/plain", None),
+    ("octet-stream", "application/octet-stream", None),
+    ("form", "application/x-www-form-urlencoded", b"image=x"),
+    ("multipart", "multipart/form-data; boundary=xyz", None),
+    ("gif", "image/gif", None),
+    ("svg", "image/svg+xml", b'<svg xmlns="http://www.w3.org/2000/svg"/>'),
+    ("avif", "image/avif", None),
+    ("heic", "image/heic", None),
+    ("x-png", "image/x-png", None),
+    ("jpg-typo", "image/jpg", None),
+    ("image-wildcard", "image/*", None),
+    ("any", "*/*", None),
+    ("type-only", "image", None),
+    ("empty-subtype", "image/", None),
+    ("png-prefix", "image/pngx", None),
+    ("two-types", "image/png, image/jpeg", None),
+    ("params-only", ";;;", None),
+    ("nul", "image/png\x00", None),
+    ("crlf", "image/png\r\nX-Injected: 1", None),
+]
+# Bodies that are not the image they are labelled as, or no readable image at all (422 invalid-image).
+BAD_IMAGES: list[tuple[str, str, str | bytes]] = [
+    ("empty", "image/png", b""),
+    ("text", "image/png", b"not an image"),
+    ("json", "image/jpeg", b'{"avatar": "https://evil.test/a.png"}'),
+    ("html", "image/webp", b"<html><script>alert(1)</script></html>"),
+    ("svg", "image/png", b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>'),
+    ("zip", "image/png", b"PK\x03\x04" + b"\0" * 100),
+    ("nul-bytes", "image/png", b"\0" * 4096),
+    ("png-signature-only", "image/png", png()[:8]),
+    ("png-header-only", "image/png", png()[:33]),
+    ("truncated-png", "image/png", "truncated-png"),
+    ("truncated-jpeg", "image/jpeg", "truncated-jpeg"),
+    ("truncated-webp", "image/webp", "truncated-webp"),
+    ("corrupt-png", "image/png", "corrupt-png"),
+    ("decompression-bomb", "image/png", "bomb-png"),
+    ("one-pixel-over-the-limit", "image/png", "one-pixel-over-png"),
+    ("jpeg-as-png", "image/png", "jpeg"),
+    ("webp-as-png", "image/png", "webp"),
+    ("png-as-jpeg", "image/jpeg", "png"),
+    ("webp-as-jpeg", "image/jpeg", "webp"),
+    ("png-as-webp", "image/webp", "png"),
+    ("jpeg-as-webp", "image/webp", "jpeg"),
+    ("gif-as-png", "image/png", "gif"),
+    ("bmp-as-png", "image/png", "bmp"),
+    ("tiff-as-jpeg", "image/jpeg", "tiff"),
+    ("ico-as-png", "image/png", "ico"),
+]
+# Unusual but valid images of an accepted type (202).
+GOOD_IMAGES: list[tuple[str, str, str]] = [
+    ("rgba-png", "image/png", "rgba-png"),
+    ("palette-png", "image/png", "palette-png"),
+    ("16-bit-grayscale-png", "image/png", "gray16-png"),
+    ("one-pixel-png", "image/png", "one-pixel-png"),
+    ("tall-png", "image/png", "tall-png"),
+    ("animated-png", "image/png", "animated-png"),
+    ("cmyk-jpeg", "image/jpeg", "cmyk-jpeg"),
+    ("exif-rotated-jpeg", "image/jpeg", "exif-rotated-jpeg"),
+    ("grayscale-jpeg", "image/jpeg", "grayscale-jpeg"),
+    ("animated-webp", "image/webp", "animated-webp"),
+    ("transparent-webp", "image/webp", "rgba-webp"),
+]
+
+
+def raw_body_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
+    """An image upload: its media type, the image itself and its size."""
+    assert ep.raw is not None
+    method, _ = key
+    path = ep.target(c)
+    accepted = ep.ok
+    imgs = images()
+    cases: list[Case] = []
+
+    def add(
+        group: str,
+        name: str,
+        content_type: str | None,
+        content: bytes,
+        expect: Iterable[int],
+        problem: str | None = None,
+        chunked: bool = False,
+    ) -> None:
+        headers = c.auth if content_type is None else (*c.auth, ("Content-Type", content_type))
+        case = Case(group, name, method, path, frozenset(expect), headers, content, chunked, target=c.victim_user)
+        cases.append(replace(case, problem=problem))
+
+    for name, content_type, image in GOOD_IMAGE_TYPES:
+        add("content-type", name, content_type, imgs[image], accepted)
+    for name, bad_type, content in BAD_IMAGE_TYPES:
+        add("content-type", name, bad_type, ep.raw.valid() if content is None else content, {415}, UNSUPPORTED)
+    for name, content_type, body in BAD_IMAGES:
+        add("image", name, content_type, imgs[body] if isinstance(body, str) else body, {422}, INVALID_IMAGE)
+    for name, content_type, image in GOOD_IMAGES:
+        add("image", name, content_type, imgs[image], accepted)
+    # Data after the image's end: ignored by decoders, so either answer is fine.
+    add("image", "trailing-garbage", "image/png", png() + b"\0" * 1000, accepted | {422})
+
+    # Size: avatars may be 5 MiB, more than the 1 MiB of every JSON body; one byte more is a 413.
+    add("size", "1MiB-plus-1", "image/png", padded_png(MAX_BODY + 1), accepted)
+    add("size", "exactly-5MiB", "image/png", padded_png(MAX_UPLOAD), accepted)
+    add("size", "5MiB-plus-1", "image/png", padded_png(MAX_UPLOAD + 1), {413}, TOO_LARGE)
+    add("size", "20MiB", "image/png", padded_png(4 * MAX_UPLOAD), {413}, TOO_LARGE)
+    add("size", "5MiB-plus-1-of-junk", "image/png", b"\xff" * (MAX_UPLOAD + 1), {413}, TOO_LARGE)
+    add("size", "chunked-2MiB-no-content-length", "image/png", padded_png(2 * MAX_BODY), accepted, chunked=True)
+    add("size", "chunked-6MiB-no-content-length", "image/png", padded_png(6 * MAX_BODY), {413}, TOO_LARGE, True)
+    return cases
+
+
+def conditional_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
+    """If-None-Match: the current ETag (of the size asked for) is a 304, anything else the image."""
+    method, _ = key
+    path, ok = ep.target(c), ep.ok
+    etag, etag64 = c.victim_avatar[256], c.victim_avatar[64]
+    cases: list[Case] = []
+
+    def add(name: str, value: str | bytes, expect: Iterable[int], query: str = "") -> None:
+        headers = (*c.auth, ("If-None-Match", value))
+        cases.append(Case("conditional", name, method, path + query, frozenset(expect), headers))
+
+    add("current-etag", etag, {304})
+    add("current-etag-explicit-size", etag, {304}, "?size=256")
+    add("current-etag-64", etag64, {304}, "?size=64")
+    add("among-others", f'"nope", {etag}, "other"', {304})
+    # If-None-Match compares weakly, and "*" matches any current image (RFC 9110 13.1.2).
+    add("weak", f"W/{etag}", {304})
+    add("weak-among-others", f'W/"nope", W/{etag}', {304})
+    add("any", "*", {304})
+    add("etag-of-the-other-size", etag64, ok)
+    add("etag-of-the-other-size-at-64", etag, ok, "?size=64")
+    add("unquoted", etag.strip('"'), ok)
+    add("uppercase", etag.upper(), ok)
+    add("unknown", '"0123456789abcdef"', ok)
+    add("empty", "", ok)
+    add("control-char", b"\x01junk", ok)
+    add("invalid-utf8", b"\xff\xfe", ok)
+    add("10k-chars", '"' + "a" * 10_000 + '"', ok)
+    add("crlf", b'"x"\r\nSet-Cookie: a=b', ok)
+    add("with-bad-size", etag, {422}, "?size=100")
+    return cases
+
+
+def valid_request(ep: Endpoint, c: Ctx) -> tuple[tuple[Header, ...], bytes | None]:
+    """The Content-Type header and body of a well-formed request (none where the endpoint reads no body)."""
+    if ep.body is not None:
+        return (("Content-Type", JSON),), _dumps(ep.body.valid(c))
+    if ep.raw is not None:
+        return (("Content-Type", ep.raw.types[0]),), ep.raw.valid()
+    return (), None
+
+
 def path_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
     method, template = key
-    prefix = template.split("{", 1)[0]
-    body = _dumps(ep.body.valid(c)) if ep.body else None
-    headers: tuple[Header, ...] = (*c.auth, ("Content-Type", JSON)) if ep.body else c.auth
+    content_type, body = valid_request(ep, c)
+    headers: tuple[Header, ...] = (*c.auth, *content_type)
     cases: list[Case] = []
 
     def add(name: str, segment: str, expect: Iterable[int], target: str | None = None) -> None:
-        cases.append(Case("path", name, method, prefix + segment, frozenset(expect), headers, body, target=target))
+        """``segment`` in place of the route's (only) path parameter, whatever follows it."""
+        path = re.sub(r"\{\w+:\w+\}", lambda _: segment, template, count=1)
+        cases.append(Case("path", name, method, path, frozenset(expect), headers, body, target=target))
 
     def add_at(name: str, path: str, expect: Iterable[int], target: str | None = None) -> None:
         cases.append(Case("path", name, method, path, frozenset(expect), headers, body, target=target))
@@ -1733,15 +2137,20 @@ def path_cases(key: tuple[str, str], ep: Endpoint, c: Ctx) -> list[Case]:
 def query_cases(key: tuple[str, str], ep: Endpoint, c: Ctx, path: str, ok: frozenset[int]) -> list[Case]:
     """Junk query parameters are ignored; paging parameters are validated."""
     method, _ = key
-    headers: tuple[Header, ...] = (*c.auth, ("Content-Type", JSON)) if ep.body else c.auth
     cases = [
-        Case("query", name, method, f"{path}?{query}", ok, headers, _dumps(ep.body.valid(c)) if ep.body else None)
-        for name, query in [
-            ("unknown-params", f"%ff=%00&a[b]=c&__proto__=x&x={'y' * 10_000}"),
-            ("sql-param", "id=1%27%20OR%20%271%27=%271"),
-            *([] if ep.paged else [("paging-params-where-none", "limit=-1&cursor=!!!")]),
+        Case("query", name, method, f"{path}?{query}", ok, (*c.auth, *valid[0]), valid[1])
+        for name, query, valid in [
+            (name, query, valid_request(ep, c))  # a fresh body each (unique emails, say)
+            for name, query in [
+                ("unknown-params", f"%ff=%00&a[b]=c&__proto__=x&x={'y' * 10_000}"),
+                ("sql-param", "id=1%27%20OR%20%271%27=%271"),
+                *([] if ep.paged else [("paging-params-where-none", "limit=-1&cursor=!!!")]),
+            ]
         ]
     ]
+    verdicts = {"ok": ok, "bad": _ok(422), "lax": ok | {422}}
+    for name, query, verdict in ep.filters:
+        cases.append(Case("filter", name, method, f"{path}?{query}", verdicts[verdict], c.auth))
     if not ep.paged:
         return cases
     for name, value in BAD_LIMITS:
@@ -1752,9 +2161,6 @@ def query_cases(key: tuple[str, str], ep: Endpoint, c: Ctx, path: str, ok: froze
         cases.append(Case("cursor", name, method, f"{path}?cursor={value}", _ok(422), c.auth))
     for name, value in LAX_CURSORS:
         cases.append(Case("cursor", name, method, f"{path}?cursor={value}", ok | {422}, c.auth))
-    verdicts = {"ok": ok, "bad": _ok(422), "lax": ok | {422}}
-    for name, query, verdict in ep.filters:
-        cases.append(Case("filter", name, method, f"{path}?{query}", verdicts[verdict], c.auth))
     return cases
 
 
@@ -1807,8 +2213,7 @@ def header_cases(key: tuple[str, str], ep: Endpoint, c: Ctx, path: str, ok: froz
     method, _ = key
     # Auth cases go to the real target with a valid body: a 401 must come before anything happens.
     target = ep.target(c)
-    content = _dumps(ep.body.valid(c)) if ep.body else None
-    json_ct: tuple[Header, ...] = (("Content-Type", JSON),) if ep.body else ()
+    body_ct, content = valid_request(ep, c)
     cases: list[Case] = []
     for name, value in [
         *AUTH_VALUES,
@@ -1818,7 +2223,7 @@ def header_cases(key: tuple[str, str], ep: Endpoint, c: Ctx, path: str, ok: froz
         auth: tuple[Header, ...] = () if value is None else (("Authorization", value),)
         expect = _ok(401) if ep.auth else ep.ok
         tid = c.victim_user if ep.ids == "user" else c.victim_key if ep.ids == "key" else None
-        cases.append(Case("auth", name, method, target, expect, (*auth, *json_ct), content, target=tid))
+        cases.append(Case("auth", name, method, target, expect, (*auth, *body_ct), content, target=tid))
     for name, token in [
         ("scheme-token", f"Token {c.token}"),
         ("truncated", f"Bearer {c.token[:-1]}"),
@@ -1827,13 +2232,13 @@ def header_cases(key: tuple[str, str], ep: Endpoint, c: Ctx, path: str, ok: froz
         ("double-bearer", f"Bearer Bearer {c.token}"),
     ]:
         expect = _ok(401) if ep.auth else ep.ok
-        cases.append(Case("auth", name, method, target, expect, (("Authorization", token), *json_ct), content))
+        cases.append(Case("auth", name, method, target, expect, (("Authorization", token), *body_ct), content))
 
     # Junk request ids: on a request that fails validation when there is a body (so the problem
     # document must carry the sanitised id), else on the harmless request.
-    rid_content, rid_expect = (b"[]", _ok(422)) if ep.body else (None, ok)
+    rid_content, rid_expect = (b"[]" if ep.body else b"not an image", _ok(422)) if content else (None, ok)
     for name, rid in [*JUNK_REQUEST_IDS, ("well-formed", b"client-id:123.abc_X")]:
-        headers = (*c.auth, *json_ct, ("X-Request-ID", rid))
+        headers = (*c.auth, *body_ct, ("X-Request-ID", rid))
         cases.append(Case("request-id", name, method, path, rid_expect, headers, rid_content, request_id=rid))
     if ep.auth:
         for name, rid in [("control-char-unauthenticated", b"\x01junk"), ("well-formed-unauthenticated", b"abc-123")]:
@@ -1865,7 +2270,14 @@ def build_cases(key: tuple[str, str], c: Ctx) -> list[Case]:
     cases += query_cases(key, ep, c, safe_path, safe_ok)
     cases += path_cases(key, ep, c)
     cases += routing_cases(key, ep, c)
-    cases += body_cases(key, ep, c) if ep.body else bodyless_junk_cases(key, ep, c, safe_path, safe_ok)
+    if ep.body is not None:
+        cases += body_cases(key, ep, c)
+    elif ep.raw is not None:
+        cases += raw_body_cases(key, ep, c)
+    else:
+        cases += bodyless_junk_cases(key, ep, c, safe_path, safe_ok)
+    if ep.conditional:
+        cases += conditional_cases(key, ep, c)
     if ep.idempotent:
         cases = with_idempotency_keys(cases + idempotency_cases(key, ep, c), c)
     return cases
@@ -1904,6 +2316,8 @@ async def test_bad_input(group: str, client: Client, tenant: dict[str, Any], pg_
             dict(before.deliveries),
             dict(before.payments),
             {p: list(rs) for p, rs in before.refunds.items()},
+            dict(before.avatars),
+            dict(before.uploads),
         )
     )
 

@@ -18,6 +18,13 @@ BODILESS = {
 OPTIONAL_BODY = {("post", "/v1/payments/{payment_id}/refunds")}
 # Operations that require an Idempotency-Key header.
 IDEMPOTENT = {("post", "/v1/payments"), ("post", "/v1/payments/{payment_id}/refunds")}
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+# Operations whose body is raw bytes the handler reads itself (an image upload), not JSON: the media types
+# they take. The schema of each is a binary string.
+RAW_BODY = {("put", "/v1/users/{user_id}/avatar"): IMAGE_TYPES}
+# Operations whose success answers bytes of a media type rather than JSON.
+BINARY_RESPONSE = {("get", "/v1/users/{user_id}/avatar"): ("200", "image/webp")}
+BINARY = {"type": "string", "format": "binary"}
 
 
 def body_ref(schema: dict[str, Any], optional: bool) -> str | None:
@@ -74,7 +81,10 @@ async def test_every_operation_is_typed_and_documents_its_errors(client: Client)
         ("post", "/v1/payments/{payment_id}/refunds"),
         ("get", "/v1/payments/{payment_id}/refunds"),
         ("get", "/v1/payments/{payment_id}/refunds/{refund_id}"),
+        ("put", "/v1/users/{user_id}/avatar"),
+        ("get", "/v1/users/{user_id}/avatar"),
     }
+    assert set(RAW_BODY) | set(BINARY_RESPONSE) <= {(m, p) for m, p, _ in operations}
     schemas = spec["components"]["schemas"]
     for method, path, op in operations:
         where = f"{method.upper()} {path}"
@@ -82,11 +92,28 @@ async def test_every_operation_is_typed_and_documents_its_errors(client: Client)
         responses = op["responses"]
         success = [c for c in responses if c.startswith("2")]
         assert success, where
-        if method in ("post", "patch", "put") and (method, path) not in BODILESS:
+        if (method, path) in RAW_BODY:
+            # Exactly the accepted types, each a binary string, and the body is required.
+            assert op["requestBody"] == {
+                "content": {t: {"schema": BINARY} for t in RAW_BODY[(method, path)]},
+                "required": True,
+            }, where
+            assert {"413", "415", "422"} <= set(responses), where
+        elif method in ("post", "patch", "put") and (method, path) not in BODILESS:
+            assert set(op["requestBody"]["content"]) == {"application/json"}, where
             body = op["requestBody"]["content"]["application/json"]["schema"]
             ref = body_ref(body, optional=(method, path) in OPTIONAL_BODY)
             assert ref is not None, f"{where}: untyped request body {body}"
             assert ref.removeprefix("#/components/schemas/") in schemas, where
+            assert {"413", "415", "422"} <= set(responses), where
+        if (method, path) in BINARY_RESPONSE:
+            code, media_type = BINARY_RESPONSE[(method, path)]
+            assert set(responses[code]["content"]) == {media_type}, where
+            assert responses[code]["content"][media_type]["schema"]["type"] == "string", where
+        else:
+            for code in success:
+                content = responses[code].get("content", {})
+                assert set(content) <= {"application/json", "application/health+json"}, f"{where} {code}: {content}"
         headers = {p["name"].lower(): p for p in op.get("parameters", []) if p["in"] == "header"}
         if (method, path) in IDEMPOTENT:
             key = headers.get("idempotency-key")
@@ -124,6 +151,17 @@ async def test_every_operation_is_typed_and_documents_its_errors(client: Client)
     refund_in = schemas["RefundIn"]
     assert set(refund_in["properties"]) == {"amount", "reason"}
     assert not refund_in.get("required")
+    # The avatar upload answers the job that makes its variants; the download takes the size it serves.
+    upload = spec["paths"]["/v1/users/{user_id}/avatar"]["put"]
+    assert upload["responses"]["202"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobAccepted")
+    assert set(upload["responses"]) == {"202", "400", "401", "404", "413", "415", "422", "429", "503"}
+    download = spec["paths"]["/v1/users/{user_id}/avatar"]["get"]
+    (size,) = [p for p in download["parameters"] if p["in"] == "query"]
+    assert size["name"] == "size"
+    assert size["required"] is False
+    assert (size["schema"]["type"], size["schema"]["enum"], size["schema"]["default"]) == ("integer", [64, 256], 256)
+    assert {"200", "401", "404"} <= set(download["responses"])
+    assert "requestBody" not in download
 
 
 async def request_bodies(client: Client) -> tuple[dict[str, Any], dict[tuple[str, str], dict[str, Any]]]:
@@ -138,7 +176,10 @@ async def request_bodies(client: Client) -> tuple[dict[str, Any], dict[tuple[str
 async def test_every_request_body_publishes_that_it_rejects_unknown_fields(client: Client) -> None:
     schemas, bodies = await request_bodies(client)
     assert bodies
+    assert set(RAW_BODY) <= set(bodies)
     for (method, path), body in bodies.items():
+        if (method, path) in RAW_BODY:
+            continue  # bytes, not an object: nothing to close (its schema is checked above)
         ref = body_ref(body["content"]["application/json"]["schema"], optional=(method, path) in OPTIONAL_BODY)
         assert ref is not None, f"{method.upper()} {path}"
         name = ref.removeprefix("#/components/schemas/")
@@ -152,6 +193,25 @@ async def test_an_optional_request_body_is_documented_as_optional(client: Client
     for key, body in bodies.items():
         if key not in OPTIONAL_BODY:
             assert body["required"] is True, key
+
+
+async def test_the_avatar_download_documents_the_errors_it_answers(client: Client) -> None:
+    spec: dict[str, Any] = (await client.get("/openapi.json")).json()
+    download = spec["paths"]["/v1/users/{user_id}/avatar"]["get"]
+    errors = {code: r for code, r in download["responses"].items() if code.startswith("4")}
+    assert "422" in errors, sorted(errors)
+    for code, response in errors.items():
+        assert set(response.get("content", {})) == {"application/problem+json"}, code
+    # What it answers for a size it does not make:
+    tenant = (
+        await client.post("/v1/signup", json={"organization": "A", "owner_email": "o@a.test", "owner_name": "O"})
+    ).json()
+    r = await client.get(
+        f"/v1/users/{tenant['user']['id']}/avatar?size=100",
+        headers={"Authorization": f"Bearer {tenant['api_key']['token']}"},
+    )
+    assert r.status_code == 422
+    assert r.headers["content-type"] == "application/problem+json"
 
 
 async def test_docs_ui_and_problem_type_pages(client: Client) -> None:

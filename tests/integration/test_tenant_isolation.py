@@ -1,8 +1,9 @@
 """Tenant isolation over HTTP: tenant B can neither reach nor see anything of tenant A.
 
-A's data includes webhook endpoints (with their secrets), their delivery history, jobs, and payments
-(succeeded, refunded in part, declined) with their refunds; routes taking two ids (an endpoint's delivery,
-a payment's refund) are tried with each foreign id while the other is B's own.
+A's data includes webhook endpoints (with their secrets), their delivery history, jobs, payments
+(succeeded, refunded in part, declined) with their refunds, and an avatar for every user; routes taking two
+ids (an endpoint's delivery, a payment's refund) are tried with each foreign id while the other is B's own.
+An avatar upload carries an image, not JSON: B sends a valid one, so that only the id can be refused.
 
 Every route that takes an id is tried by B with each of A's ids (in several spellings) and must
 answer exactly like an id that does not exist: 404 problem+json, same type/title/detail. Every
@@ -14,16 +15,21 @@ new id-taking or list route without an isolation case fails the suite.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from litestar import Litestar
 from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
+from PIL import Image
 
 from keel.main.auth import PUBLIC_PATHS
 from tests.support.waiting import eventually
@@ -35,8 +41,29 @@ HOOK = "/v1/webhook-endpoints/{endpoint_id:uuid}"
 DELIVERY = HOOK + "/deliveries/{delivery_id:uuid}"
 PAYMENT = "/v1/payments/{payment_id:uuid}"
 REFUND = PAYMENT + "/refunds/{refund_id:uuid}"
+AVATAR = "/v1/users/{user_id:uuid}/avatar"
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A body sent as bytes of its own media type (an image upload), not as JSON."""
+
+    content_type: str
+    data: bytes
+
+
+def image(color: tuple[int, int, int], size: tuple[int, int] = (24, 16), fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format=fmt)
+    return out.getvalue()
+
+
+# What B uploads as avatars on A's users (and, in the control, on its own): a valid image, so that a refusal
+# can only be about the id.
+B_UPLOAD = Raw("image/png", image((10, 200, 30)))
+Body = dict[str, Any] | Raw | None
 # Every route with a path parameter: (method, template) -> the kind of id it takes and the body to send.
-ID_ROUTES: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {
+ID_ROUTES: dict[tuple[str, str], tuple[str, Body]] = {
     ("GET", "/v1/users/{user_id:uuid}"): ("user", None),
     ("PATCH", "/v1/users/{user_id:uuid}"): ("user", {"name": "Pwned by B", "email": "pwned@globex.test"}),
     ("DELETE", "/v1/users/{user_id:uuid}"): ("user", None),
@@ -53,6 +80,8 @@ ID_ROUTES: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {
     ("GET", PAYMENT + "/refunds"): ("payment", None),
     ("POST", PAYMENT + "/refunds"): ("payment", {"amount": 100, "reason": "requested_by_customer"}),
     ("GET", REFUND): ("refund", None),
+    ("GET", AVATAR): ("user", None),
+    ("PUT", AVATAR): ("user", B_UPLOAD),
 }
 # The path parameter that carries each kind of id.
 PARAM = {
@@ -65,7 +94,7 @@ PARAM = {
     "refund": "refund_id",
 }
 # What the control requests on B's own resources answer, when not 200 (DELETE: 204).
-CONTROL_STATUS = {("POST", DELIVERY + "/retry"): 202, ("POST", PAYMENT + "/refunds"): 202}
+CONTROL_STATUS = {("POST", DELIVERY + "/retry"): 202, ("POST", PAYMENT + "/refunds"): 202, ("PUT", AVATAR): 202}
 # Routes that require an Idempotency-Key: every request gets a fresh one, so that each reaches the handler.
 IDEMPOTENT = {("POST", "/v1/payments"), ("POST", PAYMENT + "/refunds")}
 # Path-parameter routes that serve no tenant data (documentation); they must be public.
@@ -104,6 +133,18 @@ def headers_for(method: str, template: str, headers: dict[str, str]) -> dict[str
     return headers
 
 
+async def call(
+    client: Client, method: str, template: str, path: str, headers: dict[str, str], body: Body
+) -> httpx.Response:
+    """One request to a route of ``ID_ROUTES``: its body as JSON, or as raw bytes of their media type."""
+    headers = headers_for(method, template, headers)
+    if isinstance(body, Raw):
+        return await client.request(
+            method, path, headers={**headers, "Content-Type": body.content_type}, content=body.data
+        )
+    return await client.request(method, path, headers=headers, json=body)
+
+
 def _is_public(route: HTTPRoute, method: str) -> bool:
     handler = route.route_handler_map[method][0]
     return bool(handler.opt.get("exclude_from_auth")) or any(re.search(p, route.path) for p in PUBLIC_PATHS)
@@ -133,6 +174,7 @@ class Tenant:
     jobs: list[str]  # ids of the tenant's jobs
     payments: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> payment, settled
     refunds: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> refund, settled
+    avatars: dict[str, dict[int, str]] = field(default_factory=dict)  # user id -> size -> ETag, all served
 
     def ids(self, kind: str) -> list[str]:
         return list(
@@ -260,7 +302,44 @@ async def populate(client: Client, signup: dict[str, Any], tag: str, n_users: in
     t.jobs.append(r.json()["job_id"])
     await settled(client, t, {first: n_users, second: 1}, attempts=n_users + 2)
     await pay(client, t, tag)
+    await picture(client, t, tag)
     return t
+
+
+async def picture(client: Client, t: Tenant, tag: str) -> None:
+    """An avatar for every user (a different image each), processed and served; the users then read back
+    with their avatar_url."""
+    seed = int(hashlib.sha256(tag.encode()).hexdigest()[:4], 16)
+    for i, user_id in enumerate(t.users):
+        color = ((seed + 40 * i) % 256, (seed // 3 + 70 * i) % 256, 128)
+        r = await client.put(
+            f"/v1/users/{user_id}/avatar", headers={**t.headers, "Content-Type": "image/png"}, content=image(color)
+        )
+        assert r.status_code == 202, r.text
+        t.jobs.append(r.json()["job_id"])
+    for user_id in t.users:
+        t.avatars[user_id] = await served(client, t, user_id)
+    users, _ = await read_all(client, "/v1/users", t.headers)
+    assert all(u["avatar_url"] == f"/v1/users/{u['id']}/avatar" for u in users), users
+    t.users = {u["id"]: u for u in users}
+
+
+async def served(client: Client, t: Tenant, user_id: str, not_etag: str | None = None) -> dict[int, str]:
+    """The ETags of a user's avatar once both sizes are served (and, given ``not_etag``, once the 256 px one
+    is no longer that one: a newer upload was processed)."""
+
+    async def probe() -> dict[int, str] | None:
+        etags: dict[int, str] = {}
+        for size in (64, 256):
+            r = await client.get(f"/v1/users/{user_id}/avatar", params={"size": size}, headers=t.headers)
+            assert r.status_code in (200, 404), r.text
+            if r.status_code == 404:
+                return None
+            assert r.headers["content-type"] == "image/webp"
+            etags[size] = r.headers["etag"]
+        return None if etags[256] == not_etag else etags
+
+    return await eventually(probe)
 
 
 # Each tenant's payments, oldest first: the first is refunded in part twice, the last is declined.
@@ -381,6 +460,7 @@ async def state(client: Client, t: Tenant) -> dict[str, Any]:
     }
     payments, _ = await read_all(client, "/v1/payments", t.headers)
     refunds = {p["id"]: (await read_all(client, f"/v1/payments/{p['id']}/refunds", t.headers))[0] for p in payments}
+    avatars = {u["id"]: await avatar_state(client, t.headers, u["id"]) for u in users}
     return {
         "tenant": tenant.json(),
         "users": users,
@@ -389,7 +469,17 @@ async def state(client: Client, t: Tenant) -> dict[str, Any]:
         "deliveries": deliveries,
         "payments": payments,
         "refunds": refunds,
+        "avatars": avatars,
     }
+
+
+async def avatar_state(client: Client, headers: dict[str, str], user_id: str) -> dict[int, tuple[int, str, str]]:
+    """Each size of a user's avatar as (status, ETag, digest of the bytes)."""
+    out = {}
+    for size in (64, 256):
+        r = await client.get(f"/v1/users/{user_id}/avatar", params={"size": size}, headers=headers)
+        out[size] = (r.status_code, r.headers.get("etag", ""), hashlib.sha256(r.content).hexdigest())
+    return out
 
 
 def leaks(text: str, markers: set[str]) -> list[str]:
@@ -448,7 +538,7 @@ async def test_other_tenants_ids_are_not_found(client: Client, world: tuple[Tena
         param = PARAM[kind]
         # What a genuinely missing id looks like: A's ids must be indistinguishable from it.
         path = fill(template, {**b_own, param: str(uuid.uuid4())})
-        missing = await client.request(method, path, headers=headers_for(method, template, b.headers), json=body)
+        missing = await call(client, method, template, path, b.headers, body)
         if missing.status_code != 404:
             failures.append(f"{method} {template} with a random id -> {missing.status_code}: {missing.text[:300]}")
             continue
@@ -483,7 +573,7 @@ async def test_other_tenants_ids_are_not_found(client: Client, world: tuple[Tena
             for spelling in spellings:
                 spell = SPELLINGS[spelling]
                 path = fill(template, {**b_own, **{k: spell(v) for k, v in target.items()}})
-                r = await client.request(method, path, headers=headers_for(method, template, b.headers), json=body)
+                r = await call(client, method, template, path, b.headers, body)
                 label = f"B: {method} {path} ({what}, {spelling}) -> {r.status_code}"
                 if r.status_code != 404:
                     failures.append(f"{label}: expected 404; body: {r.text[:300]}")
@@ -520,15 +610,17 @@ async def test_other_tenants_ids_are_not_found(client: Client, world: tuple[Tena
     for (method, template), (kind, body) in ID_ROUTES.items():
         if method == "DELETE":
             continue
-        r = await client.request(
-            method, fill(template, own), headers=headers_for(method, template, b.headers), json=body
-        )
+        r = await call(client, method, template, fill(template, own), b.headers, body)
         expected = CONTROL_STATUS.get((method, template), 200)
         assert r.status_code == expected, f"control {method} {template} on B's own {kind} -> {r.status_code} {r.text}"
         if template == PAYMENT + "/refunds" and method == "POST":
             # Let the refund settle before anything else happens.
             refund_path = fill(REFUND, {**own, "refund_id": r.json()["refund"]["id"]})
             await reached(client, b, refund_path, "succeeded")
+        elif (method, template) == ("PUT", AVATAR):
+            # B's own upload is processed and served in place of its earlier avatar.
+            new = await served(client, b, member, not_etag=b.avatars[member][256])
+            assert new != b.avatars[member]
         elif expected == 202:
             # Let the retry's attempt land before anything is deleted under it.
             attempts = len(b.deliveries[b_delivery]["attempts"]) + 1
@@ -544,6 +636,94 @@ async def test_other_tenants_ids_are_not_found(client: Client, world: tuple[Tena
             r = await client.request(method, fill(template, own), headers=b.headers)
             assert r.status_code == 204, f"control {method} {template} on B's own {kind} -> {r.status_code} {r.text}"
     assert await state(client, a) == before, "B's own changes touched A's data"
+
+
+def blob_files(root: Path) -> dict[Path, str]:
+    """Every file under ``root`` (relative path -> digest of its content)."""
+    if not root.exists():
+        return {}
+    return {
+        p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+async def test_another_tenants_avatars_are_never_served_nor_replaced(
+    client: Client, world: tuple[Tenant, Tenant], tmp_path: Path
+) -> None:
+    """B asking for (or uploading over) the avatar of one of A's users gets exactly what a user id that
+    does not exist gets, whatever B sends: a conditional request with A's real ETag is no 304, an upload is a
+    404 before its image is judged (so B cannot probe A's ids with bodies). A's avatars, their blobs and
+    A's users stay as they were, and B's storage holds nothing under A's user ids."""
+    a, b = world
+    before = await state(client, a)
+    root = tmp_path / "blobs" / "avatars"  # the app's data dir is this test's tmp_path
+    files_before = blob_files(root)
+    assert {p.parts[1] for p in files_before if p.parts[0] == a.id} == set(a.users), "A's avatars are stored there"
+    owner = a.body["user"]["id"]
+    # Control: A's own conditional request with its ETag is a 304.
+    r = await client.get(f"/v1/users/{owner}/avatar", headers={**a.headers, "If-None-Match": a.avatars[owner][256]})
+    assert r.status_code == 304
+
+    valid, jpeg = image((1, 2, 3)), image((200, 100, 0), fmt="JPEG")
+    Request = tuple[str, dict[str, str], dict[str, Any]]
+
+    def requests(user_id: str) -> list[tuple[str, Request]]:
+        etags = a.avatars[user_id]
+        return [
+            ("GET default size", ("GET", {}, {})),
+            ("GET 64", ("GET", {}, {"params": {"size": 64}})),
+            ("GET with A's ETag", ("GET", {"If-None-Match": etags[256]}, {})),
+            ("GET 64 with A's ETag", ("GET", {"If-None-Match": etags[64]}, {"params": {"size": 64}})),
+            ("GET with any ETag", ("GET", {"If-None-Match": "*"}, {})),
+            ("PUT valid PNG", ("PUT", {"Content-Type": "image/png"}, {"content": valid})),
+            ("PUT valid JPEG", ("PUT", {"Content-Type": "image/jpeg"}, {"content": jpeg})),
+            ("PUT JPEG as PNG", ("PUT", {"Content-Type": "image/png"}, {"content": jpeg})),
+            ("PUT junk", ("PUT", {"Content-Type": "image/png"}, {"content": b"not an image"})),
+            ("PUT empty", ("PUT", {"Content-Type": "image/webp"}, {"content": b""})),
+            ("PUT GIF type", ("PUT", {"Content-Type": "image/gif"}, {"content": valid})),
+        ]
+
+    async def answer(user_id: str, request: Request) -> tuple[int, dict[str, Any], httpx.Response]:
+        method, headers, kw = request
+        r = await client.request(method, f"/v1/users/{user_id}/avatar", headers={**b.headers, **headers}, **kw)
+        if not r.headers.get("content-type", "").startswith(PROBLEM):
+            return r.status_code, {"content-type": r.headers.get("content-type")}, r
+        return r.status_code, {k: r.json().get(k) for k in ("type", "title", "status", "detail")}, r
+
+    failures: list[str] = []
+    markers = a.markers()
+    for user_id in a.users:
+        for what, request in requests(user_id):
+            expected = await answer(str(uuid.uuid4()), request)
+            got = await answer(user_id, request)
+            label = f"B: {what} of A's user {user_id} -> {got[0]}"
+            if got[:2] != expected[:2]:
+                failures.append(f"{label}: differs from a missing user ({expected[:2]}): {got[1]}")
+            # Every request here reaches the handler (only the GIF type is refused before it, with a 415).
+            if request[1].get("Content-Type") != "image/gif" and got[0] != 404:
+                failures.append(f"{label}: expected 404")
+            response = got[2]
+            if "etag" in response.headers or response.headers.get("content-type", "").startswith("image/"):
+                failures.append(f"{label}: served an image ({dict(response.headers)})")
+            if leaks(response.text.replace(f"/v1/users/{user_id}/avatar", ""), markers):
+                failures.append(f"{label}: mentions A's data: {response.text[:300]}")
+    # Too large is refused before anything else, for A's user as for a missing one.
+    big = {"content": b"\x89PNG" + b"\0" * (5 * 1024 * 1024)}
+    too_large = [await answer(u, ("PUT", {"Content-Type": "image/png"}, big)) for u in (owner, str(uuid.uuid4()))]
+    assert too_large[0][:2] == too_large[1][:2]
+    assert too_large[0][0] == 413
+    assert not failures, f"{len(failures)} avatar isolation failures:\n" + "\n".join(failures)
+
+    assert await state(client, a) == before, "B's requests changed A's avatars or users"
+    after = blob_files(root)
+    assert {p: d for p, d in after.items() if p.parts[0] == a.id} == {
+        p: d for p, d in files_before.items() if p.parts[0] == a.id
+    }, "A's avatar blobs changed"
+    stray = sorted(str(p) for p in after if p.parts[0] != a.id and p.parts[1] in a.users)
+    assert not stray, f"blobs stored for A's users outside A: {stray}"
+    # B's own avatars still work with B's key (the requests above were well-formed).
+    member = next(i for i, u in b.users.items() if u["role"] != "owner")
+    assert await served(client, b, member) == b.avatars[member]
 
 
 async def test_tenant_scoped_writes_without_ids_stay_in_the_tenant(

@@ -10,6 +10,7 @@ import ast
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Column, Integer, MetaData, String, Table, inspect
+from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, inspect, text
 from sqlalchemy.engine import Connection
 
 from keel.main import db
@@ -180,8 +181,17 @@ async def test_upgrade_creates_expected_columns_indexes_and_constraints(empty_ur
         "created_at",
         "revoked_at",
     }
-    assert set(schema["users"]["columns"]) == {"id", "tenant_id", "email", "name", "role", "created_at", "updated_at"}
-    for t in APP_TABLES - {"payments_sandbox_ledger"}:
+    assert schema["users"]["columns"] == {
+        "id": False,
+        "tenant_id": False,
+        "email": False,
+        "name": False,
+        "role": False,
+        "avatar_url": True,  # 0005: set by the media context once an avatar exists
+        "created_at": False,
+        "updated_at": False,
+    }
+    for t in APP_TABLES - {"payments_sandbox_ledger", "avatars"}:
         assert schema[t]["pk"] == ["id"], t
     assert schema["users"]["indexes"]["ix_users_tenant_id_id"] == ["tenant_id", "id"]
     assert schema["api_keys"]["indexes"]["ix_api_keys_tenant_id_id"] == ["tenant_id", "id"]
@@ -256,6 +266,35 @@ async def test_upgrade_creates_expected_columns_indexes_and_constraints(empty_ur
         assert schema[t]["fks"] == set(), t
         assert schema[t]["uniques"] == set(), t
 
+    # 0005: one avatar per user (user ids are unique across tenants), its variants as JSON.
+    assert "avatars" in APP_TABLES
+    assert schema["avatars"]["columns"] == {
+        "user_id": False,
+        "tenant_id": False,
+        "upload_id": False,
+        "status": False,
+        "original_key": False,
+        "original_type": False,
+        "variants": False,
+        "error": True,
+        "created_at": False,
+        "updated_at": False,
+    }
+    assert schema["avatars"]["pk"] == ["user_id"]
+    assert schema["avatars"]["fks"] == set()
+    assert schema["avatars"]["uniques"] == set()
+
+    def types(conn: Connection) -> dict[str, dict[str, Any]]:
+        insp = inspect(conn)
+        return {t: {c["name"]: c["type"] for c in insp.get_columns(t)} for t in ("users", "avatars")}
+
+    columns = await _with_connection(empty_url, types)
+    assert isinstance(columns["users"]["avatar_url"], String)
+    assert columns["users"]["avatar_url"].length == 300
+    for name, length in [("status", 20), ("original_key", 300), ("original_type", 50), ("error", 500)]:
+        assert isinstance(columns["avatars"][name], String), name
+        assert columns["avatars"][name].length == length, name
+
 
 async def test_the_payments_revision_adds_and_removes_only_its_tables(empty_url: str) -> None:
     payments = {"payments", "payment_refunds", "payments_sandbox_ledger"}
@@ -270,6 +309,86 @@ async def test_the_payments_revision_adds_and_removes_only_its_tables(empty_url:
     db.upgrade(empty_url, "head")
     await assert_at_head(empty_url)
     assert await schema_diffs(empty_url) == []
+
+
+async def test_the_media_revision_adds_and_removes_only_avatars_and_the_avatar_url(empty_url: str) -> None:
+    db.upgrade(empty_url, "0004")
+    before = await table_names(empty_url)
+    assert "avatars" not in before
+    assert "avatar_url" not in await user_columns(empty_url)
+    db.upgrade(empty_url, "0005")
+    assert await table_names(empty_url) == before | {"avatars"}
+    assert "avatar_url" in await user_columns(empty_url)
+    db.downgrade(empty_url, "0004")
+    assert await table_names(empty_url) == before
+    assert "avatar_url" not in await user_columns(empty_url)
+    assert await current_revision(empty_url) == "0004"
+    db.upgrade(empty_url, "head")
+    await assert_at_head(empty_url)
+    assert await schema_diffs(empty_url) == []
+
+
+async def test_the_media_revision_keeps_users_and_their_avatar_urls_across_a_round_trip(empty_url: str) -> None:
+    """Users written before 0005 read back with a null avatar_url; going down drops only the column (the
+    users survive), and going up again gives them a null one."""
+    db.upgrade(empty_url, "0004")
+    tenant_id, user_id = uuid.uuid4(), uuid.uuid4()
+
+    # The tables as 0004 left them (just the columns written here), in the app's portable types.
+    meta = MetaData()
+    tenants = Table(
+        "tenants",
+        meta,
+        Column("id", GUID),
+        Column("name", String),
+        Column("config", JSON),
+        Column("created_at", DateTimeUTC(timezone=True)),
+        Column("updated_at", DateTimeUTC(timezone=True)),
+    )
+    users = Table(
+        "users",
+        meta,
+        *(Column(name, GUID) for name in ("id", "tenant_id")),
+        *(Column(name, String) for name in ("email", "name", "role")),
+        *(Column(name, DateTimeUTC(timezone=True)) for name in ("created_at", "updated_at")),
+    )
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def seed(conn: Connection) -> None:
+        conn.execute(tenants.insert().values(id=tenant_id, name="Acme", config={}, created_at=now, updated_at=now))
+        conn.execute(
+            users.insert().values(
+                id=user_id,
+                tenant_id=tenant_id,
+                email="a@acme.test",
+                name="A",
+                role="member",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        conn.commit()
+
+    def read(conn: Connection) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in conn.execute(text("SELECT email, avatar_url FROM users")).all()]
+
+    def set_url(conn: Connection) -> None:
+        conn.execute(text("UPDATE users SET avatar_url = :a"), {"a": f"/v1/users/{user_id}/avatar"})
+        conn.commit()
+
+    await _with_connection(empty_url, seed)
+    db.upgrade(empty_url, "0005")
+    assert await _with_connection(empty_url, read) == [("a@acme.test", None)]
+    await _with_connection(empty_url, set_url)
+    assert await _with_connection(empty_url, read) == [("a@acme.test", f"/v1/users/{user_id}/avatar")]
+    db.downgrade(empty_url, "0004")
+    assert "avatar_url" not in await user_columns(empty_url)
+    db.upgrade(empty_url, "0005")
+    assert await _with_connection(empty_url, read) == [("a@acme.test", None)]
+
+
+async def user_columns(url: str) -> set[str]:
+    return await _with_connection(url, lambda c: {col["name"] for col in inspect(c).get_columns("users")})
 
 
 async def test_every_revision_steps_up_and_down(empty_url: str) -> None:

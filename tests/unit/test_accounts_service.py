@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Self
 
@@ -22,9 +22,11 @@ from keel.contexts.accounts.domain.errors import (
 )
 from keel.contexts.accounts.domain.model import API_KEY_PREFIX, ApiKey, Role, TenantConfig, User
 from keel.contexts.accounts.domain.services import AccountsService, SignupResult
+from keel.contexts.accounts.public import AccountsDirectory, Profiles
+from keel.platform.domain.events import EventDispatcher
 from keel.platform.domain.paging import PageRequest
 from keel.platform.domain.tenancy import Principal
-from tests.fakes.accounts import AccountsState, InMemoryAccountsUnitOfWork, accounts_service
+from tests.fakes.accounts import AccountsState, HeldPublisher, InMemoryAccountsUnitOfWork, accounts_service
 from tests.fakes.clock import ManualClock
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -488,6 +490,148 @@ async def test_other_tenants_users_are_not_found(service: AccountsService, state
     assert state == before
     listed = await service.list_users(me, PageRequest())
     assert [u.id for u in listed.items] == [acme.owner.id]
+
+
+# -- avatars (set by the media context through accounts.public.Profiles) -------------------------
+
+
+def avatar_url(user: User) -> str:
+    return f"/v1/users/{user.id}/avatar"
+
+
+async def test_set_avatar_points_the_profile_at_it_and_records_one_user_updated(
+    service: AccountsService, state: AccountsState, clock: ManualClock
+) -> None:
+    result = await do_signup(service)
+    user = await service.create_user(principal(result), CreateUser(email="bob@example.test", name="Bob"))
+    assert user.avatar_url is None
+    published = len(state.outbox)
+    clock.advance(minutes=3)
+
+    assert await service.set_avatar(result.tenant.id, user.id, avatar_url(user)) is True
+
+    stored = state.users[user.id]
+    assert stored == replace(user, avatar_url=avatar_url(user), updated_at=START + timedelta(minutes=3))
+    (event,) = state.outbox[published:]
+    assert event.type == "user.updated"
+    assert event.tenant_id == result.tenant.id
+    assert event.occurred_at == START + timedelta(minutes=3)
+    assert dict(event.data) == {"user_id": str(user.id), "changed": ["avatar_url"]}
+    # Nobody else changed.
+    assert state.users[result.owner.id] == result.owner
+
+
+async def test_set_avatar_to_the_same_url_again_changes_nothing(
+    service: AccountsService, state: AccountsState, clock: ManualClock
+) -> None:
+    result = await do_signup(service)
+    user = await service.create_user(principal(result), CreateUser(email="bob@example.test", name="Bob"))
+    assert await service.set_avatar(result.tenant.id, user.id, avatar_url(user)) is True
+    clock.advance(hours=1)
+    before = snapshot(state)
+
+    # A job that runs twice (or a newer upload of the same user) sets the same URL: found, nothing written.
+    assert await service.set_avatar(result.tenant.id, user.id, avatar_url(user)) is True
+    assert state == before
+    assert state.users[user.id].updated_at == START
+
+
+async def test_set_avatar_to_none_clears_it_with_an_event(
+    service: AccountsService, state: AccountsState, clock: ManualClock
+) -> None:
+    result = await do_signup(service)
+    user = await service.create_user(principal(result), CreateUser(email="bob@example.test", name="Bob"))
+    await service.set_avatar(result.tenant.id, user.id, avatar_url(user))
+    published = len(state.outbox)
+    clock.advance(minutes=1)
+
+    assert await service.set_avatar(result.tenant.id, user.id, None) is True
+    assert state.users[user.id].avatar_url is None
+    assert state.users[user.id].updated_at == START + timedelta(minutes=1)
+    assert [(e.type, dict(e.data)) for e in state.outbox[published:]] == [
+        ("user.updated", {"user_id": str(user.id), "changed": ["avatar_url"]})
+    ]
+    # Already clear: nothing more.
+    before = snapshot(state)
+    assert await service.set_avatar(result.tenant.id, user.id, None) is True
+    assert state == before
+
+
+async def test_set_avatar_of_an_unknown_or_other_tenants_user_writes_nothing(
+    service: AccountsService, state: AccountsState
+) -> None:
+    acme = await do_signup(service, "Acme", "o@acme.test")
+    globex = await do_signup(service, "Globex", "o@globex.test")
+    theirs = await service.create_user(principal(globex), CreateUser(email="bob@globex.test", name="Bob"))
+    gone = await service.create_user(principal(acme), CreateUser(email="gone@acme.test", name="Gone"))
+    await service.delete_user(principal(acme), gone.id)
+    before = snapshot(state)
+
+    for user_id in (theirs.id, globex.owner.id, gone.id, uuid.uuid4()):
+        assert await service.set_avatar(acme.tenant.id, user_id, f"/v1/users/{user_id}/avatar") is False
+    # A user under a tenant that does not exist at all.
+    assert await service.set_avatar(uuid.uuid4(), theirs.id, avatar_url(theirs)) is False
+    assert state == before
+    assert state.users[theirs.id].avatar_url is None
+
+
+async def test_the_cached_user_shows_the_new_avatar_once_its_event_is_dispatched(
+    state: AccountsState, clock: ManualClock
+) -> None:
+    publishers: list[HeldPublisher] = []
+
+    def held(dispatcher: EventDispatcher) -> HeldPublisher:
+        publishers.append(HeldPublisher(dispatcher))
+        return publishers[-1]
+
+    service = accounts_service(state, clock, publisher=held)
+    (publisher,) = publishers
+    result = await do_signup(service)
+    user = await service.create_user(principal(result), CreateUser(email="bob@example.test", name="Bob"))
+    await publisher.release()
+    # Read once: the user is now cached.
+    assert (await service.find_user(result.tenant.id, user.id)) == user
+    state.users[user.id] = replace(user, name="Behind the service's back")
+    assert (await service.find_user(result.tenant.id, user.id)) == user, "the read should come from the cache"
+    state.users[user.id] = user
+
+    clock.advance(minutes=1)
+    assert await service.set_avatar(result.tenant.id, user.id, avatar_url(user)) is True
+    assert [e.type for e in publisher.held] == ["user.updated"]
+    await publisher.release()
+
+    expected = replace(user, avatar_url=avatar_url(user), updated_at=START + timedelta(minutes=1))
+    assert await service.find_user(result.tenant.id, user.id) == expected
+    assert await service.get_user(principal(result), user.id) == expected
+    # And that value is what is cached now (avatar_url survives the cache's encoding).
+    state.users[user.id] = user
+    assert await service.find_user(result.tenant.id, user.id) == expected
+
+
+async def test_changing_a_user_keeps_their_avatar(
+    service: AccountsService, state: AccountsState, clock: ManualClock
+) -> None:
+    result = await do_signup(service)
+    who = principal(result)
+    user = await service.create_user(who, CreateUser(email="bob@example.test", name="Bob"))
+    await service.set_avatar(result.tenant.id, user.id, avatar_url(user))
+    clock.advance(minutes=1)
+    renamed = await service.change_user(who, user.id, ChangeUser(name="Robert", email="robert@example.test"))
+    assert renamed.avatar_url == avatar_url(user)
+    assert state.users[user.id].avatar_url == avatar_url(user)
+    assert await service.get_user(who, user.id) == renamed
+
+
+async def test_the_public_profiles_port_sets_the_avatar_through_the_service(
+    service: AccountsService, state: AccountsState
+) -> None:
+    profiles: Profiles = AccountsDirectory(service)
+    result = await do_signup(service)
+    user = await service.create_user(principal(result), CreateUser(email="bob@example.test", name="Bob"))
+    assert await profiles.set_avatar(result.tenant.id, user.id, avatar_url(user)) is True
+    assert state.users[user.id].avatar_url == avatar_url(user)
+    assert state.outbox[-1].type == "user.updated"
+    assert await profiles.set_avatar(result.tenant.id, uuid.uuid4(), "/v1/users/x/avatar") is False
 
 
 # -- atomicity --------------------------------------------------------------------------------

@@ -471,3 +471,28 @@ async def test_forget_user_is_tenant_scoped(service: MediaService, state: MediaS
     assert await service.forget_user(GLOBEX.tenant_id, ZOE) == "deleted 0 avatar, 0 blobs"
     assert current(state, ZOE) == avatar
     assert blobs.blobs == stored
+
+
+async def test_an_upload_that_arrives_while_an_older_one_is_processed_is_not_lost(
+    service: MediaService, state: MediaState, blobs: InMemoryBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await upload(service, state, data=image("PNG", RED))
+    images = service._images
+    make_variant = images.square_variant
+    newer: list[uuid.UUID] = []
+
+    async def upload_meanwhile(data: bytes, size: int) -> bytes:
+        # The second upload commits while the first one's variants are being made.
+        if not newer:
+            newer.append(await upload(service, state, data=image("JPEG", BLUE), content_type="image/jpeg"))
+        return await make_variant(data, size)
+
+    monkeypatch.setattr(images, "square_variant", upload_meanwhile)
+    assert await service.process_avatar(ACME.tenant_id, ZOE, first) == "superseded"
+    assert current(state, ZOE).upload_id == newer[0]
+    assert current(state, ZOE).status is AvatarStatus.PROCESSING
+    assert not blobs.keys(blob_prefix(ACME.tenant_id, ZOE, first))
+
+    monkeypatch.undo()
+    assert await service.process_avatar(ACME.tenant_id, ZOE, newer[0]) == "ready"
+    assert set(current(state, ZOE).variants) == {64, 256}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from keel.main.settings import Secret, Settings, SettingsError, load_settings, settings_or_exit
+from tests.support.app import client_for, make_settings, signup
 
 KEEL_BIN = Path(sys.executable).parent / "keel"
 
@@ -43,10 +45,14 @@ def test_defaults_with_empty_env() -> None:
     assert s.payments_sandbox_latency == 0.0
     assert s.stripe_secret_key is None
     assert s.stripe_api_base is None
+    assert s.media_max_pixels == 40_000_000
 
 
 def test_empty_strings_count_as_unset() -> None:
-    env = dict.fromkeys(("KEEL_DATABASE_URL", "KEEL_PORT", "KEEL_WORKERS", "KEEL_LOG_LEVEL", "KEEL_REDIS_URL"), "")
+    env = dict.fromkeys(
+        ("KEEL_DATABASE_URL", "KEEL_PORT", "KEEL_WORKERS", "KEEL_LOG_LEVEL", "KEEL_REDIS_URL", "KEEL_MEDIA_MAX_PIXELS"),
+        "",
+    )
     assert load_settings(env) == load_settings({})
 
 
@@ -142,6 +148,7 @@ def test_all_valid_overrides() -> None:
             "KEEL_PAYMENTS_SANDBOX_LATENCY": "30",
             "KEEL_STRIPE_SECRET_KEY": "sk_test_abc123",
             "KEEL_STRIPE_API_BASE": "https://stripe-proxy.internal:8443/",
+            "KEEL_MEDIA_MAX_PIXELS": "200000000",
         }
     )
     assert s == Settings(
@@ -164,6 +171,7 @@ def test_all_valid_overrides() -> None:
         payments_sandbox_latency=30.0,
         stripe_secret_key=Secret("sk_test_abc123"),
         stripe_api_base="https://stripe-proxy.internal:8443",
+        media_max_pixels=200_000_000,
     )
 
 
@@ -233,6 +241,14 @@ INVALID = [
     ("KEEL_STRIPE_API_BASE", "ftp://stripe.example"),
     ("KEEL_STRIPE_API_BASE", "api.stripe.com"),
     ("KEEL_STRIPE_API_BASE", "//api.stripe.com"),
+    ("KEEL_MEDIA_MAX_PIXELS", "0"),
+    ("KEEL_MEDIA_MAX_PIXELS", "-1"),
+    ("KEEL_MEDIA_MAX_PIXELS", "200000001"),
+    ("KEEL_MEDIA_MAX_PIXELS", "1e6"),
+    ("KEEL_MEDIA_MAX_PIXELS", "40M"),
+    ("KEEL_MEDIA_MAX_PIXELS", "4000x4000"),
+    ("KEEL_MEDIA_MAX_PIXELS", "1.5"),
+    ("KEEL_MEDIA_MAX_PIXELS", "lots"),
 ]
 
 
@@ -298,6 +314,20 @@ def test_sandbox_latency_range(latency: str) -> None:
     assert load_settings({"KEEL_PAYMENTS_SANDBOX_LATENCY": latency}).payments_sandbox_latency == float(latency)
 
 
+@pytest.mark.parametrize("pixels", [1, 1_000_000, 40_000_000, 200_000_000])
+def test_media_max_pixels_range(pixels: int) -> None:
+    assert load_settings({"KEEL_MEDIA_MAX_PIXELS": str(pixels)}).media_max_pixels == pixels
+    # Surrounding whitespace (a value pasted into an env file) is fine, like every other integer setting.
+    assert load_settings({"KEEL_MEDIA_MAX_PIXELS": f" {pixels}\n"}).media_max_pixels == pixels
+
+
+def test_media_max_pixels_errors_say_the_bounds() -> None:
+    with pytest.raises(SettingsError, match=r"^KEEL_MEDIA_MAX_PIXELS: must be between 1 and 200000000, got 0$"):
+        load_settings({"KEEL_MEDIA_MAX_PIXELS": "0"})
+    with pytest.raises(SettingsError, match=r"^KEEL_MEDIA_MAX_PIXELS: expected an integer, got 'many'$"):
+        load_settings({"KEEL_MEDIA_MAX_PIXELS": "many"})
+
+
 @pytest.mark.parametrize("key", ["sk_test_abc123", "sk_live_abc123", "rk_live_restricted"])
 @pytest.mark.parametrize("base", ["https://api.stripe.com", "http://127.0.0.1:12111"])
 def test_stripe_provider_takes_a_secret_or_restricted_key_and_an_http_base(key: str, base: str) -> None:
@@ -358,3 +388,28 @@ def test_serve_refuses_several_workers_without_redis_before_touching_anything(tm
         "keel: invalid configuration: --workers: more than 1 worker needs KEEL_REDIS_URL (shared cache and limits)"
     ]
     assert not (tmp_path / "d").exists()
+
+
+def _png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("L", (width, height), 128).save(out, format="PNG")
+    return out.getvalue()
+
+
+async def test_media_max_pixels_reaches_the_upload_check(sqlite_url: str, tmp_path: Path) -> None:
+    """The setting is what the composition root gives the image decoder: an image one pixel over it is
+    refused at upload, one at it is accepted."""
+    settings = make_settings(sqlite_url, tmp_path, KEEL_MEDIA_MAX_PIXELS="100")
+    async with client_for(settings) as client:
+        tenant = await signup(client)
+        path = f"/v1/users/{tenant['user']['id']}/avatar"
+        headers = {**tenant["headers"], "Content-Type": "image/png"}
+        r = await client.put(path, headers=headers, content=_png(101, 1))
+        assert r.status_code == 422, r.text
+        assert r.json()["type"] == "/problems/invalid-image"
+        assert "101x1" in r.json()["detail"]
+        assert "100" in r.json()["detail"]
+        r = await client.put(path, headers=headers, content=_png(10, 10))
+        assert r.status_code == 202, r.text

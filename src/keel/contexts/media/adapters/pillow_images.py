@@ -52,7 +52,9 @@ def _square_variant(data: bytes, size: int, max_pixels: int) -> bytes:
     if image.mode in ("I;16", "I;16L", "I;16B", "I"):
         # 16/32-bit greyscale: convert() would clip to white instead of scaling down to 8 bits.
         image = image.convert("I").point(lambda v: v / 256).convert("L")
-    image = image.convert("RGBA" if image.mode in ("RGBA", "LA", "P") else "RGB")
+    # Alpha comes from the mode or, for RGB, L and palette PNGs, from a tRNS chunk.
+    keeps_alpha = image.mode in ("RGBA", "LA", "PA") or image.has_transparency_data
+    image = image.convert("RGBA" if keeps_alpha else "RGB")
     image = ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)
     out = io.BytesIO()
     # A fresh image written without exif/icc/xmp arguments carries no metadata (no GPS position).

@@ -136,14 +136,11 @@ class MediaService:
         except InvalidImage as exc:  # validated at upload; only a decoder change could get here
             return await self._fail(avatar, exc.detail)
         previous = avatar.variants
+        ready = replace(avatar, status=AvatarStatus.READY, variants=variants, error=None, updated_at=self._clock.now())
         async with self._uow() as uow:
-            current = await uow.avatars.get(tenant_id, user_id)
-            if current is None or current.upload_id != upload_id:
-                await self._blobs.delete_prefix(prefix)
+            if not await uow.avatars.save_processed(ready):
+                await self._blobs.delete_prefix(prefix)  # a newer upload came in while this one was processed
                 return "superseded"
-            await uow.avatars.save(
-                replace(current, status=AvatarStatus.READY, variants=variants, error=None, updated_at=self._clock.now())
-            )
             await uow.commit()
         await self._forget_uploads_before(previous, upload_id)
         await self._profiles.set_avatar(tenant_id, user_id, avatar_url(user_id))
@@ -156,11 +153,9 @@ class MediaService:
                 await self._blobs.delete_prefix(prefix)
 
     async def _fail(self, avatar: Avatar, reason: str) -> str:
+        failed = replace(avatar, status=AvatarStatus.FAILED, error=reason, updated_at=self._clock.now())
         async with self._uow() as uow:
-            current = await uow.avatars.get(avatar.tenant_id, avatar.user_id)
-            if current is not None and current.upload_id == avatar.upload_id:
-                failed = replace(current, status=AvatarStatus.FAILED, error=reason, updated_at=self._clock.now())
-                await uow.avatars.save(failed)
+            if await uow.avatars.save_processed(failed):
                 await uow.commit()
         return "failed"
 

@@ -14,6 +14,11 @@ class AvatarRepository(Protocol):
         """Insert or replace the user's avatar record."""
         ...
 
+    async def save_processed(self, avatar: Avatar) -> bool:
+        """Write the outcome of processing ``avatar.upload_id`` only if that upload is still the user's
+        latest (compare-and-set); False, nothing written, when a newer upload came in meanwhile."""
+        ...
+
     async def delete(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> bool: ...
 
 

@@ -65,7 +65,7 @@ class AvatarController(Controller):
         summary="Download a user's avatar",
         description="A square WebP with an `ETag`; 404 until the first upload has been processed.",
         media_type="image/webp",
-        responses=problem_responses(401, 404, 429),
+        responses=problem_responses(400, 401, 404, 422, 429),
     )
     async def get_avatar(
         self,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 
 import msgspec
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keel.contexts.media.adapters.sql.models import AvatarRow
@@ -24,6 +24,10 @@ def _avatar(row: AvatarRow) -> Avatar:
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
+
+
+def _variants_column(avatar: Avatar) -> dict[str, object]:
+    return {str(size): msgspec.to_builtins(v) for size, v in avatar.variants.items()}
 
 
 class SqlAvatarRepository:
@@ -47,10 +51,28 @@ class SqlAvatarRepository:
         row.status = avatar.status.value
         row.original_key = avatar.original_key
         row.original_type = avatar.original_type
-        row.variants = {str(size): msgspec.to_builtins(v) for size, v in avatar.variants.items()}
+        row.variants = _variants_column(avatar)
         row.error = avatar.error
         row.updated_at = avatar.updated_at
         await self._s.flush()
+
+    async def save_processed(self, avatar: Avatar) -> bool:
+        stmt = (
+            update(AvatarRow)
+            .where(
+                AvatarRow.tenant_id == avatar.tenant_id,
+                AvatarRow.user_id == avatar.user_id,
+                AvatarRow.upload_id == avatar.upload_id,
+            )
+            .values(
+                status=avatar.status.value,
+                variants=_variants_column(avatar),
+                error=avatar.error,
+                updated_at=avatar.updated_at,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(await self._s.execute(stmt), "rowcount", 0))
 
     async def delete(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> bool:
         stmt = delete(AvatarRow).where(AvatarRow.tenant_id == tenant_id, AvatarRow.user_id == user_id)
