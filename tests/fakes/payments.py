@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
 
+from keel.contexts.payments.adapters.sql import sandbox
 from keel.contexts.payments.domain.model import (
     ChargeOrder,
     Failure,
@@ -127,10 +128,12 @@ class InMemoryPaymentsUnitOfWork(InMemoryUnitOfWork[PaymentsState]):
 
 # -- provider ----------------------------------------------------------------------------------
 
-SUCCEEDS = "pm_card_visa"
-DECLINED = "pm_card_chargeDeclined"
-INSUFFICIENT_FUNDS = "pm_card_chargeDeclinedInsufficientFunds"
-UNAVAILABLE_TWICE = "pm_card_providerUnavailable"
+
+# The sandbox's test tokens: the fake answers the same cards as every real provider.
+SUCCEEDS = sandbox.SUCCEEDS
+DECLINED = sandbox.DECLINED
+INSUFFICIENT_FUNDS = sandbox.INSUFFICIENT_FUNDS
+UNAVAILABLE_TWICE = sandbox.UNAVAILABLE_TWICE
 
 
 @dataclass

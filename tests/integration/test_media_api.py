@@ -39,7 +39,7 @@ from keel.main.container import Container, build_container
 from keel.platform.adapters.jobs.in_process import InProcessJobQueue
 from keel.platform.adapters.sql.outbox import OutboxRow
 from keel.platform.domain.events import event_job_id
-from tests.support.app import client_for, make_settings, signup
+from tests.support.app import client_for, finished_job, job, make_settings, signup
 from tests.support.waiting import eventually
 
 Client = AsyncTestClient[Litestar]
@@ -207,23 +207,6 @@ async def upload(
     if content_type is not None:
         headers["Content-Type"] = content_type
     return await client.put(avatar_path(user_id), content=data, headers=headers)
-
-
-async def job(client: Client, tenant: dict[str, Any], job_id: str) -> dict[str, Any]:
-    r = await client.get(f"/v1/jobs/{job_id}", headers=tenant["headers"])
-    assert r.status_code == 200, r.text
-    found: dict[str, Any] = r.json()
-    return found
-
-
-async def finished_job(client: Client, tenant: dict[str, Any], job_id: str) -> dict[str, Any]:
-    async def probe() -> dict[str, Any] | None:
-        j = await job(client, tenant, job_id)
-        return j if j["status"] in ("succeeded", "failed", "canceled") else None
-
-    found = await eventually(probe)
-    assert found is not None
-    return found
 
 
 async def processed(client: Client, tenant: dict[str, Any], job_id: str) -> None:

@@ -39,7 +39,7 @@ from keel.main.container import Container
 from keel.platform.adapters.sql.outbox import OutboxRow
 from keel.platform.domain.events import event_job_id
 from keel.platform.domain.jobs import RetryPolicy
-from tests.support.app import client_for, make_settings, signup
+from tests.support.app import client_for, finished_job, job, make_settings, signup
 from tests.support.waiting import eventually
 
 Client = AsyncTestClient[Litestar]
@@ -124,22 +124,6 @@ async def paid(client: Client, tenant: dict[str, Any], **fields: Any) -> dict[st
     p = await settled(client, tenant, accepted["payment"]["id"])
     assert p["status"] == "succeeded", p
     return p
-
-
-async def job(client: Client, tenant: dict[str, Any], job_id: str) -> dict[str, Any]:
-    r = await client.get(f"/v1/jobs/{job_id}", headers=tenant["headers"])
-    assert r.status_code == 200, r.text
-    found: dict[str, Any] = r.json()
-    return found
-
-
-async def finished_job(client: Client, tenant: dict[str, Any], job_id: str) -> dict[str, Any]:
-    async def probe() -> dict[str, Any] | None:
-        j = await job(client, tenant, job_id)
-        return j if j["status"] in ("succeeded", "failed", "canceled") else None
-
-    found: dict[str, Any] = await eventually(probe)
-    return found
 
 
 async def refund(

@@ -16,6 +16,7 @@ from keel.main.app import create_app
 from keel.main.container import build_container
 from keel.main.settings import Settings, load_settings
 from keel.platform.ports.clock import Clock
+from tests.support.waiting import eventually
 
 # Suites that are not about rate limiting send hundreds of requests from one "client".
 UNLIMITED = {"KEEL_RATE_LIMIT_PER_MINUTE": "1000000", "KEEL_SIGNUP_RATE_LIMIT_PER_HOUR": "1000000"}
@@ -69,3 +70,22 @@ async def burst(
     AsyncTestClient serialises requests; real concurrency needs the app's loop (its blocking portal).
     """
     return await asyncio.to_thread(client.blocking_portal.call, _send_all, client.app, requests, address)
+
+
+async def job(client: AsyncTestClient[Litestar], tenant: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """``GET /v1/jobs/{id}`` as ``tenant``; the job must be visible."""
+    r = await client.get(f"/v1/jobs/{job_id}", headers=tenant["headers"])
+    assert r.status_code == 200, r.text
+    found: dict[str, Any] = r.json()
+    return found
+
+
+async def finished_job(client: AsyncTestClient[Litestar], tenant: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """The job once it has ended (succeeded, failed or canceled)."""
+
+    async def probe() -> dict[str, Any] | None:
+        j = await job(client, tenant, job_id)
+        return j if j["status"] in ("succeeded", "failed", "canceled") else None
+
+    found: dict[str, Any] = await eventually(probe)
+    return found
