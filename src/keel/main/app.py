@@ -26,6 +26,8 @@ from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlu
 from opentelemetry.sdk.trace import TracerProvider
 
 from keel.contexts.accounts.adapters.http.controllers import ROUTES as ACCOUNTS_ROUTES
+from keel.contexts.analytics.adapters.http.controllers import ROUTES as ANALYTICS_ROUTES
+from keel.contexts.analytics.adapters.http.request_counting import RequestCountingMiddleware
 from keel.contexts.media.adapters.http.controllers import ROUTES as MEDIA_ROUTES
 from keel.contexts.payments.adapters.http.controllers import ROUTES as PAYMENTS_ROUTES
 from keel.contexts.webhooks.adapters.http.controllers import ROUTES as WEBHOOKS_ROUTES
@@ -168,6 +170,7 @@ def create_app(
             *WEBHOOKS_ROUTES,
             *PAYMENTS_ROUTES,
             *MEDIA_ROUTES,
+            *ANALYTICS_ROUTES,
             JobController,
             healthz,
             livez,
@@ -180,6 +183,7 @@ def create_app(
             "webhooks": Provide(lambda: container.webhooks, sync_to_thread=False),
             "payments": Provide(lambda: container.payments, sync_to_thread=False),
             "media": Provide(lambda: container.media, sync_to_thread=False),
+            "analytics": Provide(lambda: container.analytics, sync_to_thread=False),
             "jobs": Provide(lambda: container.jobs, sync_to_thread=False),
             "health": Provide(lambda: container.health, sync_to_thread=False),
             "principal": Provide(provide_principal, sync_to_thread=False),
@@ -187,6 +191,7 @@ def create_app(
         middleware=[
             RequestContextMiddleware,
             DefineMiddleware(ApiKeyAuthMiddleware, authenticator=container.accounts, exclude=PUBLIC_PATHS),
+            DefineMiddleware(RequestCountingMiddleware, counter=container.request_counter),
             DefineMiddleware(
                 RateLimitMiddleware,
                 limiter=container.limiter,

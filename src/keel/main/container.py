@@ -16,6 +16,14 @@ from keel.contexts.accounts.domain import caching as accounts_caching
 from keel.contexts.accounts.domain.services import AccountsService
 from keel.contexts.accounts.public import PUBLIC_EVENTS as ACCOUNT_EVENTS
 from keel.contexts.accounts.public import AccountsDirectory
+from keel.contexts.analytics.adapters import jobs as analytics_jobs
+from keel.contexts.analytics.adapters.http.request_counting import RequestCounter
+from keel.contexts.analytics.adapters.memory.tally import InMemoryRequestTally
+from keel.contexts.analytics.adapters.redis.tally import RedisRequestTally
+from keel.contexts.analytics.adapters.sql.repositories import SqlAnalyticsUnitOfWork
+from keel.contexts.analytics.domain.services import TRIGGERS as ANALYTICS_TRIGGERS
+from keel.contexts.analytics.domain.services import AnalyticsService
+from keel.contexts.analytics.ports.tally import RequestTally
 from keel.contexts.media.adapters import jobs as media_jobs
 from keel.contexts.media.adapters.filesystem_blobs import FilesystemBlobStore
 from keel.contexts.media.adapters.pillow_images import PillowImageProcessor
@@ -88,6 +96,8 @@ class Container:
     notifications: NotificationsService
     payments: PaymentsService
     media: MediaService
+    analytics: AnalyticsService
+    request_counter: RequestCounter
     health: HealthProbe
     webhook_sender: HttpxWebhookSender
     payment_provider: PaymentProvider
@@ -105,11 +115,19 @@ class Container:
         schedule) here; with Redis, ``keel worker`` and ``keel cron`` do."""
         if isinstance(self.jobs, InProcessJobQueue):
             self.jobs.start()
+        self.request_counter.start()
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        await self.request_counter.stop()  # the last second's counts reach the tally
+        if isinstance(self.jobs, InProcessJobQueue):
+            # The embedded tally lives in this process: store it now rather than lose it with the process.
+            try:
+                await self.analytics.flush_requests()
+            except Exception as exc:  # noqa: BLE001 - shutting down regardless
+                logger.warning("request counts not stored at shutdown: {!r}", exc)
         if isinstance(self.jobs, InProcessJobQueue):
             await self.jobs.stop()
         await self.webhook_sender.aclose()
@@ -182,6 +200,7 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
 
     redis: Redis | None = None
     store: Cache
+    tally: RequestTally
     limiter: RateLimiter
     idempotency: IdempotencyStore
     if settings.redis_url is not None:
@@ -195,10 +214,12 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         store = RedisCache(redis)
         limiter = LimitsRateLimiter.redis(settings.redis_url, settings.redis_timeout)
         idempotency = RedisIdempotencyStore(redis)
+        tally = RedisRequestTally(redis)
     else:
         store = InMemoryCache(clock)
         limiter = LimitsRateLimiter.in_memory()
         idempotency = InMemoryIdempotencyStore()
+        tally = InMemoryRequestTally()
     cache = ReadThroughCache(store, on_error=_log_cache_error, enabled=settings.cache_enabled)
 
     events = EventDispatcher()
@@ -244,6 +265,17 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         directory,
         clock,
     )
+    analytics = AnalyticsService(
+        lambda: SqlAnalyticsUnitOfWork(sessions, relay),
+        PaymentsDirectory(payments),
+        directory,
+        tally,
+        jobs,
+        cache,
+        clock,
+    )
+    for event_type in ANALYTICS_TRIGGERS:
+        events.subscribe(event_type, analytics.on_event)
     notifications = NotificationsService(
         lambda: SqlNotificationsUnitOfWork(sessions, relay),
         mailer,
@@ -260,8 +292,9 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         *notifications_jobs.job_specs(notifications),
         *payments_jobs.job_specs(payments),
         *media_jobs.job_specs(media),
+        *analytics_jobs.job_specs(analytics),
     )
-    periodic = [*outbox_periodic, *webhooks_jobs.PERIODIC, *payments_jobs.PERIODIC]
+    periodic = [*outbox_periodic, *webhooks_jobs.PERIODIC, *payments_jobs.PERIODIC, *analytics_jobs.PERIODIC]
     if isinstance(jobs, InProcessJobQueue):
         jobs.set_periodic(periodic)
 
@@ -284,6 +317,8 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         notifications=notifications,
         payments=payments,
         media=media,
+        analytics=analytics,
+        request_counter=RequestCounter(tally, clock),
         health=HealthProbe(checks, settings.health_timeout),
         webhook_sender=sender,
         payment_provider=provider,

@@ -18,6 +18,7 @@ from keel.platform.adapters.sql.base import metadata
 def all_metadata() -> MetaData:
     """The metadata of every context's tables; importing the model modules registers them."""
     import keel.contexts.accounts.adapters.sql.models
+    import keel.contexts.analytics.adapters.sql.models
     import keel.contexts.media.adapters.sql.models
     import keel.contexts.notifications.adapters.sql.models
     import keel.contexts.payments.adapters.sql.models

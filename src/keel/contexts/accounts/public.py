@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date, datetime
 from typing import Protocol
 
 from keel.contexts.accounts.domain.services import AccountsService
@@ -50,6 +51,18 @@ class Profiles(Protocol):
         ...
 
 
+class UserStatistics(Protocol):
+    """Aggregates for reporting (the analytics context's rollups)."""
+
+    async def daily_new_users(self, tenant_id: uuid.UUID, start: datetime, end: datetime) -> Sequence[tuple[date, int]]:
+        """Users created on each UTC day of [start, end) and not deleted since (days with none left out)."""
+        ...
+
+    async def tenant_ids(self, after: uuid.UUID | None, limit: int) -> Sequence[uuid.UUID]:
+        """Every tenant's id in ascending order, a page at a time (for jobs that visit each tenant)."""
+        ...
+
+
 class AccountsDirectory:
     def __init__(self, service: AccountsService) -> None:
         self._service = service
@@ -64,6 +77,12 @@ class AccountsDirectory:
 
     async def set_avatar(self, tenant_id: uuid.UUID, user_id: uuid.UUID, avatar_url: str | None) -> bool:
         return await self._service.set_avatar(tenant_id, user_id, avatar_url)
+
+    async def daily_new_users(self, tenant_id: uuid.UUID, start: datetime, end: datetime) -> Sequence[tuple[date, int]]:
+        return await self._service.daily_new_users(tenant_id, start, end)
+
+    async def tenant_ids(self, after: uuid.UUID | None, limit: int) -> Sequence[uuid.UUID]:
+        return await self._service.tenant_ids(after, limit)
 
 
 # Events other contexts may react to, with the fields of their data that may leave Keel (webhooks).

@@ -8,11 +8,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from keel.contexts.payments.domain.currencies import format_amount
-from keel.contexts.payments.domain.model import Payment
+from keel.contexts.payments.domain.currencies import format_amount, normalize_currency
+from keel.contexts.payments.domain.model import DailyTotal, Payment
 from keel.contexts.payments.domain.services import PaymentsService
 
-__all__ = ["PUBLIC_EVENTS", "PaymentSummary", "PaymentsDirectory", "PaymentsReader", "format_amount"]
+__all__ = [
+    "PUBLIC_EVENTS",
+    "DailyTotal",
+    "PaymentStatistics",
+    "PaymentSummary",
+    "PaymentsDirectory",
+    "PaymentsReader",
+    "format_amount",
+    "normalize_currency",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +63,16 @@ class PaymentsReader(Protocol):
     async def find_payment(self, tenant_id: uuid.UUID, payment_id: uuid.UUID) -> PaymentSummary | None: ...
 
 
+class PaymentStatistics(Protocol):
+    """Aggregates for reporting (the analytics context's rollups)."""
+
+    async def daily_totals(
+        self, tenant_id: uuid.UUID, start: datetime, end: datetime
+    ) -> tuple[Sequence[DailyTotal], Sequence[DailyTotal]]:
+        """(payments, refunds) created in [start, end), by UTC day, currency and current status."""
+        ...
+
+
 class PaymentsDirectory:
     def __init__(self, service: PaymentsService) -> None:
         self._service = service
@@ -61,6 +80,11 @@ class PaymentsDirectory:
     async def find_payment(self, tenant_id: uuid.UUID, payment_id: uuid.UUID) -> PaymentSummary | None:
         p = await self._service.find_payment(tenant_id, payment_id)
         return PaymentSummary.of(p) if p is not None else None
+
+    async def daily_totals(
+        self, tenant_id: uuid.UUID, start: datetime, end: datetime
+    ) -> tuple[Sequence[DailyTotal], Sequence[DailyTotal]]:
+        return await self._service.daily_totals(tenant_id, start, end)
 
 
 _PAYMENT = (

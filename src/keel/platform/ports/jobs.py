@@ -62,11 +62,18 @@ class JobQueue(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PeriodicJob:
-    """A job (taking no arguments) enqueued every ``every`` seconds by the cron process."""
+    """A job (taking no arguments) enqueued by the cron process every ``every`` seconds, or at the
+    times of a ``cron`` expression (five fields, the machine's local time, as RQ reads them)."""
 
     name: str
-    every: int
+    every: int = 0
+    cron: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.every > 0) == (self.cron is not None):
+            raise ValueError(f"{self.name}: give exactly one of `every` (seconds) and `cron`")
 
     def job_id_at(self, timestamp: float) -> str:
-        """One job id per interval: a second scheduler, or a backlog, still makes one run per slot."""
-        return f"cron-{self.name.replace('.', '-')}-{int(timestamp) // self.every}"
+        """One job id per interval (per minute for cron schedules): a second scheduler, or a backlog,
+        still makes one run per slot."""
+        return f"cron-{self.name.replace('.', '-')}-{int(timestamp) // (self.every or 60)}"

@@ -6,6 +6,7 @@ import uuid
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import date, datetime
 from functools import cache
 from typing import Any
 
@@ -229,6 +230,14 @@ class AccountsService:
             raise UserNotFound
         return user
 
+    async def daily_new_users(self, tenant_id: uuid.UUID, start: datetime, end: datetime) -> list[tuple[date, int]]:
+        async with self._uow() as uow:
+            return await uow.users.daily_new(tenant_id, start, end)
+
+    async def tenant_ids(self, after: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
+        async with self._uow() as uow:
+            return await uow.tenants.ids_after(after, limit)
+
     async def find_user(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> User | None:
         async def load() -> User | None:
             async with self._uow() as uow:
@@ -276,5 +285,9 @@ class AccountsService:
             if user.role is Role.OWNER:
                 raise OwnerUndeletable
             await uow.users.delete(who.tenant_id, user_id)
-            uow.record(self._event("user.deleted", who.tenant_id, user_id=str(user_id)))
+            # ``created_at`` is internal: it tells analytics which day's new-user count the deletion changes.
+            event = self._event(
+                "user.deleted", who.tenant_id, user_id=str(user_id), created_at=user.created_at.isoformat()
+            )
+            uow.record(event)
             await uow.commit()

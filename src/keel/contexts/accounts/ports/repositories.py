@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import uuid
+from datetime import date, datetime
 from typing import Protocol
 
 from keel.contexts.accounts.domain.model import ApiKey, Tenant, User
@@ -16,6 +18,10 @@ class TenantRepository(Protocol):
     async def get(self, tenant_id: uuid.UUID) -> Tenant | None: ...
 
     async def update(self, tenant: Tenant) -> None: ...
+
+    async def ids_after(self, after: uuid.UUID | None, limit: int) -> builtins.list[uuid.UUID]:
+        """Across tenants, for periodic jobs that visit each one: ids in ascending order."""
+        ...
 
 
 class UserRepository(Protocol):
@@ -32,6 +38,10 @@ class UserRepository(Protocol):
         ...
 
     async def delete(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> bool: ...
+
+    async def daily_new(self, tenant_id: uuid.UUID, start: datetime, end: datetime) -> builtins.list[tuple[date, int]]:
+        """How many of the tenant's users were created on each UTC day of [start, end) (days with none left out)."""
+        ...
 
 
 class ApiKeyRepository(Protocol):

@@ -11,7 +11,7 @@ import enum
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import date, datetime
 
 from keel.contexts.payments.domain.errors import IllegalTransition, RefundExceedsPayment
 
@@ -215,3 +215,14 @@ def capture_key(payment_id: uuid.UUID) -> str:
 
 def refund_key(refund_id: uuid.UUID) -> str:
     return f"keel-refund-{refund_id}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DailyTotal:
+    """Payments (or refunds) created on one UTC day in one currency, by their current status."""
+
+    day: date
+    currency: str
+    status: str
+    count: int
+    amount: int  # minor units

@@ -13,7 +13,7 @@ import string
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from keel.contexts.payments.domain import caching
@@ -27,6 +27,7 @@ from keel.contexts.payments.domain.errors import (
 )
 from keel.contexts.payments.domain.model import (
     ChargeOrder,
+    DailyTotal,
     Failure,
     FailureReason,
     Payment,
@@ -84,6 +85,7 @@ def _payment_data(p: Payment) -> dict[str, Any]:
         "customer_email": p.customer_email,
         "metadata": dict(p.metadata),
         "provider_reference": p.provider_reference,
+        "created_at": p.created_at.isoformat(),  # internal: which day's figures the event changes (analytics)
     }
 
 
@@ -93,6 +95,7 @@ def _refund_data(r: Refund) -> dict[str, Any]:
         "refund_amount": r.amount,
         "refund_status": r.status.value,
         "refund_reason": r.reason.value if r.reason else None,
+        "refund_created_at": r.created_at.isoformat(),  # internal, like the payment's ``created_at``
     }
 
 
@@ -170,6 +173,16 @@ class PaymentsService:
             raise InvalidInput("`created_from` must be before `created_to`.", pointer="#/created_from")
         async with self._uow() as uow:
             return await uow.payments.list(who.tenant_id, where, page)
+
+    async def daily_totals(
+        self, tenant_id: uuid.UUID, start: datetime, end: datetime
+    ) -> tuple[list[DailyTotal], list[DailyTotal]]:
+        """(payments, refunds) created in [start, end), by UTC day, currency and status; one snapshot."""
+        async with self._uow() as uow:
+            return (
+                await uow.payments.daily_totals(tenant_id, start, end),
+                await uow.refunds.daily_totals(tenant_id, start, end),
+            )
 
     # -- refunds --------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from keel.contexts.payments.domain.model import Payment, PaymentStatus, Refund
+from keel.contexts.payments.domain.model import DailyTotal, Payment, PaymentStatus, Refund
 from keel.platform.domain.paging import Page, PageRequest
 from keel.platform.ports.uow import UnitOfWork
 
@@ -39,6 +39,10 @@ class PaymentRepository(Protocol):
         """Across tenants: payments still pending since before ``updated_before``."""
         ...
 
+    async def daily_totals(self, tenant_id: uuid.UUID, start: datetime, end: datetime) -> builtins.list[DailyTotal]:
+        """Payments created in [start, end), grouped by UTC day, currency and status (any order)."""
+        ...
+
 
 class RefundRepository(Protocol):
     async def add(self, refund: Refund) -> None: ...
@@ -53,6 +57,10 @@ class RefundRepository(Protocol):
 
     async def stale_pending(self, updated_before: datetime, limit: int) -> builtins.list[Refund]:
         """Across tenants: refunds still pending since before ``updated_before``."""
+        ...
+
+    async def daily_totals(self, tenant_id: uuid.UUID, start: datetime, end: datetime) -> builtins.list[DailyTotal]:
+        """Refunds created in [start, end), grouped by UTC day, currency and status (any order)."""
         ...
 
 

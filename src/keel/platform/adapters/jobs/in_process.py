@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from croniter import croniter
 from opentelemetry.trace import TracerProvider
 
 from keel.platform.adapters.jobs import execution
@@ -171,10 +172,16 @@ class InProcessJobQueue:
         return not self._ready and self._idle == self._concurrency
 
     async def _every(self, periodic: PeriodicJob) -> None:
-        """The embedded stand-in for ``keel cron``: one run per interval, never two at once."""
+        """The embedded stand-in for ``keel cron``: one run per interval (or per cron time), never two at once."""
         while True:
+            if periodic.cron is not None:
+                # Local time, as RQ's cron scheduler reads the expression.
+                now = self._clock.now().astimezone()
+                due: datetime = croniter(periodic.cron, now).get_next(datetime)
+                await asyncio.sleep(max(0.0, (due - now).total_seconds()))
             await self.enqueue(periodic.name, {}, job_id=periodic.job_id_at(self._clock.now().timestamp()))
-            await asyncio.sleep(periodic.every)
+            if periodic.cron is None:
+                await asyncio.sleep(periodic.every)
 
     def _schedule(self, job: _Job, delay: float) -> None:
         job.status = JobStatus.SCHEDULED

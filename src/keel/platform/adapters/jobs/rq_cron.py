@@ -19,7 +19,13 @@ class _KeelCronJob(CronJob):
     enqueue goes through ``RqJobQueue``, with one job id per time slot."""
 
     def __init__(self, jobs: RqJobQueue, periodic: PeriodicJob, queue_name: str) -> None:
-        super().__init__(queue_name=queue_name, func_name=PERFORM, interval=periodic.every, name=periodic.name)
+        super().__init__(
+            queue_name=queue_name,
+            func_name=PERFORM,
+            interval=periodic.every or None,
+            cron=periodic.cron,
+            name=periodic.name,
+        )
         self._jobs = jobs
         self._periodic = periodic
 

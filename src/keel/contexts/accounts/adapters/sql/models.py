@@ -26,6 +26,7 @@ class UserRow(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "email", name="uq_users_tenant_email"),
         Index("ix_users_tenant_id_id", "tenant_id", "id"),
+        Index("ix_users_tenant_created", "tenant_id", "created_at"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(GUID, primary_key=True)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import builtins
 import uuid
+from datetime import date, datetime
 
 import msgspec
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keel.contexts.accounts.adapters.sql.models import ApiKeyRow, TenantRow, UserRow
 from keel.contexts.accounts.domain.errors import EmailTaken
 from keel.contexts.accounts.domain.model import ApiKey, Role, Tenant, TenantConfig, User
+from keel.platform.adapters.sql.dates import utc_date
 from keel.platform.adapters.sql.errors import is_unique_violation
 from keel.platform.adapters.sql.paging import keyset_page
 from keel.platform.adapters.sql.uow import SqlUnitOfWork
@@ -82,6 +85,12 @@ class SqlTenantRepository:
         row.updated_at = tenant.updated_at
         await self._s.flush()
 
+    async def ids_after(self, after: uuid.UUID | None, limit: int) -> builtins.list[uuid.UUID]:
+        stmt = select(TenantRow.id).order_by(TenantRow.id).limit(limit)
+        if after is not None:
+            stmt = stmt.where(TenantRow.id > after)
+        return list((await self._s.execute(stmt)).scalars())
+
 
 class SqlUserRepository:
     def __init__(self, session: AsyncSession) -> None:
@@ -122,6 +131,15 @@ class SqlUserRepository:
         return await keyset_page(
             self._s, select(UserRow).where(UserRow.tenant_id == tenant_id), UserRow.id, page, _user
         )
+
+    async def daily_new(self, tenant_id: uuid.UUID, start: datetime, end: datetime) -> builtins.list[tuple[date, int]]:
+        day = utc_date(UserRow.created_at)
+        stmt = (
+            select(day, func.count())
+            .where(UserRow.tenant_id == tenant_id, UserRow.created_at >= start, UserRow.created_at < end)
+            .group_by(day)
+        )
+        return [(d, n) for d, n in (await self._s.execute(stmt)).tuples()]
 
     async def update(self, user: User) -> None:
         row = await self._row(user.tenant_id, user.id)

@@ -46,6 +46,7 @@ class RefundRow(Base):
     __table_args__ = (
         Index("ix_payment_refunds_tenant_payment_id", "tenant_id", "payment_id", "id"),
         Index("ix_payment_refunds_status_updated", "status", "updated_at"),
+        Index("ix_payment_refunds_tenant_created", "tenant_id", "created_at"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(GUID, primary_key=True)

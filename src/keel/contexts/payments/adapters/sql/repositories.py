@@ -7,11 +7,12 @@ import builtins
 import uuid
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keel.contexts.payments.adapters.sql.models import PaymentRow, RefundRow
 from keel.contexts.payments.domain.model import (
+    DailyTotal,
     FailureReason,
     Payment,
     PaymentStatus,
@@ -20,6 +21,7 @@ from keel.contexts.payments.domain.model import (
     RefundStatus,
 )
 from keel.contexts.payments.ports.repositories import PaymentFilter
+from keel.platform.adapters.sql.dates import utc_date
 from keel.platform.adapters.sql.paging import keyset_page
 from keel.platform.adapters.sql.uow import SqlUnitOfWork
 from keel.platform.domain.paging import Page, PageRequest
@@ -105,6 +107,25 @@ def _refund_columns(r: Refund) -> dict[str, object]:
     }
 
 
+async def _daily_totals(
+    session: AsyncSession,
+    model: type[PaymentRow] | type[RefundRow],
+    tenant_id: uuid.UUID,
+    start: datetime,
+    end: datetime,
+) -> builtins.list[DailyTotal]:
+    day = utc_date(model.created_at)
+    stmt = (
+        select(day, model.currency, model.status, func.count(), func.coalesce(func.sum(model.amount), 0))
+        .where(model.tenant_id == tenant_id, model.created_at >= start, model.created_at < end)
+        .group_by(day, model.currency, model.status)
+    )
+    return [
+        DailyTotal(day=d, currency=c, status=s, count=n, amount=int(a))
+        for d, c, s, n, a in (await session.execute(stmt)).tuples()
+    ]
+
+
 class SqlPaymentRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._s = session
@@ -152,6 +173,9 @@ class SqlPaymentRepository:
         )
         return [_payment(r) for r in (await self._s.execute(stmt)).scalars()]
 
+    async def daily_totals(self, tenant_id: uuid.UUID, start: datetime, end: datetime) -> builtins.list[DailyTotal]:
+        return await _daily_totals(self._s, PaymentRow, tenant_id, start, end)
+
 
 class SqlRefundRepository:
     def __init__(self, session: AsyncSession) -> None:
@@ -189,6 +213,9 @@ class SqlRefundRepository:
             .limit(limit)
         )
         return [_refund(r) for r in (await self._s.execute(stmt)).scalars()]
+
+    async def daily_totals(self, tenant_id: uuid.UUID, start: datetime, end: datetime) -> builtins.list[DailyTotal]:
+        return await _daily_totals(self._s, RefundRow, tenant_id, start, end)
 
 
 class SqlPaymentsUnitOfWork(SqlUnitOfWork):
