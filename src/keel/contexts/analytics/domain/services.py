@@ -167,8 +167,10 @@ class AnalyticsService:
         # Generations were read before this, so a change committed from here on replaces them and
         # this result is never served as current.
         async with self._uow() as uow:
-            stored = await uow.rollups.figures(tenant_id, start, end)
+            # Days first: a rollup committing between the two reads then only adds figures this
+            # computation ignores (it computes those days live), never marks a day whose figures it missed.
             rolled = await uow.rollups.rolled_up(tenant_id, start, end)
+            stored = await uow.rollups.figures(tenant_id, start, end)
         figures = [f for f in stored if f.metric is Metric.API_REQUESTS or f.day in rolled]
         for first, last in runs(set(days_of(start, end)) - rolled):
             figures += await self._live(tenant_id, first, last)
