@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from importlib.metadata import version
 from typing import Any
 
@@ -130,6 +131,15 @@ def _publish_body_rules(app: Litestar) -> None:
     _schema_document(app)
 
 
+def _freeze_startup_objects() -> None:
+    """Move everything built at start-up (the app, its routes, the container, imported modules) out of
+    the collector's reach. Otherwise every full collection walks those ~200k long-lived objects again,
+    and busy request handling triggers one every few dozen responses: measured as 110-200 ms pauses in
+    the summary benchmark, gone after freezing."""
+    gc.collect()
+    gc.freeze()
+
+
 def _schema_not_found_as_problem(response: Response[Any]) -> Response[Any]:
     # Litestar answers unknown paths under the schema router with an HTML page; Keel answers problem+json.
     if response.status_code == 404:
@@ -210,7 +220,7 @@ def create_app(
         before_request=require_json_body,
         before_send=[echo_request_id],
         exception_handlers={Exception: handle_exception},
-        on_startup=[_publish_body_rules, container.start],
+        on_startup=[_publish_body_rules, container.start, _freeze_startup_objects],
         on_shutdown=[container.aclose],
         plugins=plugins,
         openapi_config=OpenAPIConfig(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
@@ -93,22 +93,49 @@ def runs(days: Iterable[date]) -> list[tuple[date, date]]:
     return out
 
 
-def _money(figures: Iterable[Figure]) -> list[MoneyFigure]:
-    sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    for f in figures:
-        pair = sums[(f.currency, f.status)]
-        pair[0] += f.count
-        pair[1] += f.amount
-    return [MoneyFigure(currency=c, status=s, count=n, amount=a) for (c, s), (n, a) in sorted(sums.items())]
+class _Tally:
+    """Figures summed in one pass: money by (currency, status), the others as plain counts."""
 
+    __slots__ = ("api_requests", "new_users", "payments", "refunds")
 
-def _figures(figures: Sequence[Figure]) -> Figures:
-    return Figures(
-        payments=_money(f for f in figures if f.metric is Metric.PAYMENTS),
-        refunds=_money(f for f in figures if f.metric is Metric.REFUNDS),
-        new_users=sum(f.count for f in figures if f.metric is Metric.NEW_USERS),
-        api_requests=sum(f.count for f in figures if f.metric is Metric.API_REQUESTS),
-    )
+    def __init__(self) -> None:
+        self.payments: dict[tuple[str, str], list[int]] = {}
+        self.refunds: dict[tuple[str, str], list[int]] = {}
+        self.new_users = 0
+        self.api_requests = 0
+
+    def add(self, f: Figure) -> None:
+        if f.metric is Metric.NEW_USERS:
+            self.new_users += f.count
+        elif f.metric is Metric.API_REQUESTS:
+            self.api_requests += f.count
+        else:
+            sums = self.payments if f.metric is Metric.PAYMENTS else self.refunds
+            pair = sums.setdefault((f.currency, f.status), [0, 0])
+            pair[0] += f.count
+            pair[1] += f.amount
+
+    @staticmethod
+    def _money(sums: dict[tuple[str, str], list[int]]) -> list[MoneyFigure]:
+        return [MoneyFigure(currency=c, status=s, count=n, amount=a) for (c, s), (n, a) in sorted(sums.items())]
+
+    def figures(self) -> Figures:
+        return Figures(
+            payments=self._money(self.payments),
+            refunds=self._money(self.refunds),
+            new_users=self.new_users,
+            api_requests=self.api_requests,
+        )
+
+    def day(self, day: date, rolled_up: bool) -> DayFigures:
+        return DayFigures(
+            day=day,
+            rolled_up=rolled_up,
+            payments=self._money(self.payments),
+            refunds=self._money(self.refunds),
+            new_users=self.new_users,
+            api_requests=self.api_requests,
+        )
 
 
 def summarize(
@@ -121,21 +148,15 @@ def summarize(
 ) -> Summary:
     """Day by day (every day of the range, empty ones too) and in total; ``currency`` narrows the
     money metrics only."""
-    kept = [f for f in figures if currency is None or f.metric not in MONEY or f.currency == currency]
-    by_day: dict[date, list[Figure]] = defaultdict(list)
-    for f in kept:
-        by_day[f.day].append(f)
-    days = [_day(d, by_day[d], d in rolled_up) for d in days_of(start, end)]
-    return Summary(start=start, end=end, currency=currency, totals=_figures(kept), days=days, generated_at=now)
-
-
-def _day(day: date, figures: Sequence[Figure], rolled_up: bool) -> DayFigures:
-    f = _figures(figures)
-    return DayFigures(
-        day=day,
-        rolled_up=rolled_up,
-        payments=f.payments,
-        refunds=f.refunds,
-        new_users=f.new_users,
-        api_requests=f.api_requests,
-    )
+    total = _Tally()
+    by_day: dict[date, _Tally] = defaultdict(_Tally)
+    for f in figures:
+        if currency is not None and f.metric in MONEY and f.currency != currency:
+            continue
+        total.add(f)
+        by_day[f.day].add(f)
+    days = [
+        by_day[d].day(d, d in rolled_up) if d in by_day else _Tally().day(d, d in rolled_up)
+        for d in days_of(start, end)
+    ]
+    return Summary(start=start, end=end, currency=currency, totals=total.figures(), days=days, generated_at=now)
