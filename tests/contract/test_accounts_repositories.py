@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 
@@ -286,3 +287,93 @@ async def test_api_keys_resolve_by_hash_and_revoke(uow: UowFactory) -> None:
         assert found is not None
         assert found.revoked_at == NOW + timedelta(days=1)
         assert not found.is_active
+
+
+# -- statistics (analytics) -------------------------------------------------------------------------
+
+LAST_OF_DAY = datetime(2026, 2, 27, 23, 59, 59, 999999, tzinfo=UTC)
+FIRST_OF_NEXT = datetime(2026, 2, 28, 0, 0, tzinfo=UTC)
+DAY1, DAY2 = LAST_OF_DAY.date(), FIRST_OF_NEXT.date()
+
+
+def created(t: Tenant, email: str, at: datetime) -> User:
+    return replace(user(t, email), created_at=at, updated_at=at)
+
+
+async def daily_new(uow: UowFactory, t: Tenant, start: datetime, end: datetime) -> dict[date, int]:
+    async with uow() as u:
+        rows = await u.users.daily_new(t.id, start, end)
+    days = dict(rows)
+    assert len(days) == len(rows), f"a day appears twice: {rows}"
+    assert all(type(d) is date and type(n) is int for d, n in rows)
+    return days
+
+
+async def test_daily_new_users_count_by_utc_day(uow: UowFactory) -> None:
+    a, b = tenant("A"), tenant("B")
+    await seed(uow, a, b)
+    new_york, tokyo = timezone(timedelta(hours=-5)), timezone(timedelta(hours=9))
+    gone = created(a, "gone@x.test", LAST_OF_DAY - timedelta(hours=2))
+    async with uow() as u:
+        for x in (
+            created(a, "late@x.test", LAST_OF_DAY),
+            created(a, "early@x.test", FIRST_OF_NEXT),
+            # 20:00 in New York on the 27th is the 28th in UTC; 08:00 in Tokyo on the 28th is the 27th.
+            created(a, "ny@x.test", datetime(2026, 2, 27, 20, 0, tzinfo=new_york)),
+            created(a, "tokyo@x.test", datetime(2026, 2, 28, 8, 0, tzinfo=tokyo)),
+            created(a, "older@x.test", LAST_OF_DAY - timedelta(days=3)),
+            gone,
+            created(b, "foreign@x.test", LAST_OF_DAY),
+        ):
+            await u.users.add(x)
+        await u.commit()
+    async with uow() as u:
+        assert await u.users.delete(a.id, gone.id)
+        await u.commit()
+    start, end = datetime(2026, 2, 27, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)
+    # Deleted users are not counted: the count is of users still there.
+    assert await daily_new(uow, a, start, end) == {DAY1: 2, DAY2: 2}
+    assert await daily_new(uow, b, start, end) == {DAY1: 1}
+    assert await daily_new(uow, tenant("C"), start, end) == {}
+
+
+async def test_daily_new_users_take_a_half_open_range(uow: UowFactory) -> None:
+    t = tenant()
+    await seed(uow, t)
+    async with uow() as u:
+        await u.users.add(created(t, "late@x.test", LAST_OF_DAY))
+        await u.users.add(created(t, "early@x.test", FIRST_OF_NEXT))
+        await u.commit()
+    assert await daily_new(uow, t, FIRST_OF_NEXT, FIRST_OF_NEXT + timedelta(days=1)) == {DAY2: 1}
+    assert await daily_new(uow, t, FIRST_OF_NEXT - timedelta(days=1), FIRST_OF_NEXT) == {DAY1: 1}
+    assert await daily_new(uow, t, LAST_OF_DAY + timedelta(microseconds=1), FIRST_OF_NEXT) == {}
+    # Bounds in another offset mean the same instants.
+    paris = timezone(timedelta(hours=1))
+    day2 = (FIRST_OF_NEXT.astimezone(paris), (FIRST_OF_NEXT + timedelta(days=1)).astimezone(paris))
+    assert await daily_new(uow, t, *day2) == {DAY2: 1}
+
+
+async def test_tenant_ids_come_in_ascending_pages(uow: UowFactory) -> None:
+    tenants = [tenant(f"T{i}") for i in range(7)]
+    await seed(uow, *tenants)
+    expected = sorted(t.id for t in tenants)
+    async with uow() as u:
+        assert await u.tenants.ids_after(None, 100) == expected
+        assert await u.tenants.ids_after(None, 3) == expected[:3]
+        # ``after`` is exclusive; paging by the last id seen visits each tenant once.
+        assert await u.tenants.ids_after(expected[2], 3) == expected[3:6]
+        assert await u.tenants.ids_after(expected[5], 3) == expected[6:]
+        assert await u.tenants.ids_after(expected[-1], 3) == []
+        # An id that is no tenant's still orders: the ones above it.
+        assert await u.tenants.ids_after(uuid.UUID(int=0), 100) == expected
+        assert await u.tenants.ids_after(uuid.UUID(int=2**128 - 1), 100) == []
+    seen: list[uuid.UUID] = []
+    after = None
+    while True:
+        async with uow() as u:
+            page = await u.tenants.ids_after(after, 2)
+        seen += page
+        if len(page) < 2:
+            break
+        after = page[-1]
+    assert seen == expected

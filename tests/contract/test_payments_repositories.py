@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 
 from keel.contexts.payments.adapters.sql.repositories import SqlPaymentsUnitOfWork
 from keel.contexts.payments.domain.model import (
+    DailyTotal,
     Failure,
     FailureReason,
     Payment,
@@ -447,3 +448,121 @@ async def test_stale_pending_refunds_across_tenants_oldest_first(uow: UowFactory
         assert found[0] == oldest
         assert [r.id for r in await u.refunds.stale_pending(cutoff, 1)] == [oldest.id]
         assert await u.refunds.stale_pending(NOW - timedelta(hours=6), 100) == []
+
+
+# -- daily totals (analytics) -----------------------------------------------------------------------
+
+# The last instant of a UTC day and the first of the next: the grouping must split them.
+LAST_OF_DAY = datetime(2026, 2, 27, 23, 59, 59, 999999, tzinfo=UTC)
+FIRST_OF_NEXT = datetime(2026, 2, 28, 0, 0, tzinfo=UTC)
+DAY1, DAY2 = LAST_OF_DAY.date(), FIRST_OF_NEXT.date()
+NEW_YORK = timezone(timedelta(hours=-5))
+TOKYO = timezone(timedelta(hours=9))
+
+
+def totals(rows: list[DailyTotal]) -> set[DailyTotal]:
+    assert len(rows) == len(set(rows)), f"a group appears twice: {rows}"
+    assert all(type(t.count) is int and type(t.amount) is int and type(t.status) is str for t in rows)
+    return set(rows)
+
+
+def total(day: date, currency: str, status: str, count: int, amount: int) -> DailyTotal:
+    return DailyTotal(day=day, currency=currency, status=status, count=count, amount=amount)
+
+
+async def daily(uow: UowFactory, tenant_id: uuid.UUID, start: datetime, end: datetime) -> tuple[set[DailyTotal], ...]:
+    async with uow() as u:
+        return (
+            totals(await u.payments.daily_totals(tenant_id, start, end)),
+            totals(await u.refunds.daily_totals(tenant_id, start, end)),
+        )
+
+
+async def test_daily_totals_group_payments_by_utc_day_currency_and_status(uow: UowFactory) -> None:
+    a, b = new_id(), new_id()
+    late = payment(a, amount=100, created=LAST_OF_DAY)
+    early = payment(a, amount=200, created=FIRST_OF_NEXT)
+    late_usd = replace(payment(a, amount=300, created=LAST_OF_DAY - timedelta(hours=1)), currency="USD")
+    late_won = payment(a, amount=400, created=LAST_OF_DAY - timedelta(hours=2))
+    late_lost = payment(a, amount=500, created=LAST_OF_DAY - timedelta(hours=3))
+    # 20:00 in New York on the 27th is 01:00 UTC on the 28th; 08:00 in Tokyo on the 28th is 23:00 UTC on the 27th.
+    ny = payment(a, amount=600, created=datetime(2026, 2, 27, 20, 0, tzinfo=NEW_YORK))
+    tokyo = payment(a, amount=700, created=datetime(2026, 2, 28, 8, 0, tzinfo=TOKYO))
+    foreign = payment(b, amount=10_000, created=LAST_OF_DAY)
+    await store(uow, late, early, late_usd, late_won, late_lost, ny, tokyo, foreign)
+    async with uow() as u:
+        assert await u.payments.save(succeeded(late_won))
+        declined = Failure(reason=FailureReason.CARD_DECLINED, message="declined")
+        assert await u.payments.save(late_lost.fail(declined, NOW))
+        await u.commit()
+
+    start, end = datetime(2026, 2, 27, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)
+    pays, refunds = await daily(uow, a, start, end)
+    assert pays == {
+        total(DAY1, "EUR", "pending", 2, 100 + 700),
+        total(DAY1, "USD", "pending", 1, 300),
+        total(DAY1, "EUR", "succeeded", 1, 400),
+        total(DAY1, "EUR", "failed", 1, 500),
+        total(DAY2, "EUR", "pending", 2, 200 + 600),
+    }
+    assert refunds == set()
+    assert (await daily(uow, b, start, end))[0] == {total(DAY1, "EUR", "pending", 1, 10_000)}
+    assert await daily(uow, new_id(), start, end) == (set(), set())
+
+
+async def test_daily_totals_take_a_half_open_range_in_any_offset(uow: UowFactory) -> None:
+    tenant = new_id()
+    await store(uow, payment(tenant, amount=1, created=LAST_OF_DAY), payment(tenant, amount=2, created=FIRST_OF_NEXT))
+    day2_only = {total(DAY2, "EUR", "pending", 1, 2)}
+    day1_only = {total(DAY1, "EUR", "pending", 1, 1)}
+    # [start, end): the start is in, the end is out.
+    assert (await daily(uow, tenant, FIRST_OF_NEXT, FIRST_OF_NEXT + timedelta(days=1)))[0] == day2_only
+    assert (await daily(uow, tenant, FIRST_OF_NEXT - timedelta(days=1), FIRST_OF_NEXT))[0] == day1_only
+    assert (await daily(uow, tenant, LAST_OF_DAY, FIRST_OF_NEXT))[0] == day1_only
+    assert (await daily(uow, tenant, LAST_OF_DAY + timedelta(microseconds=1), FIRST_OF_NEXT))[0] == set()
+    # Bounds compare instants: midnight UTC given as 19:00 the day before in New York.
+    shifted = (FIRST_OF_NEXT.astimezone(NEW_YORK), (FIRST_OF_NEXT + timedelta(days=1)).astimezone(TOKYO))
+    assert (await daily(uow, tenant, *shifted))[0] == day2_only
+    assert (await daily(uow, tenant, FIRST_OF_NEXT, FIRST_OF_NEXT))[0] == set()
+
+
+async def test_daily_totals_sum_large_amounts(uow: UowFactory) -> None:
+    tenant = new_id()
+    big = [replace(payment(tenant, amount=2_000_000_000, created=NOW), currency="JPY") for _ in range(3)]
+    await store(uow, *big)
+    pays, _ = await daily(uow, tenant, NOW - timedelta(hours=1), NOW + timedelta(hours=1))
+    assert pays == {total(NOW.date(), "JPY", "pending", 3, 6_000_000_000)}
+
+
+async def test_daily_totals_group_refunds_by_their_own_creation_day_and_status(uow: UowFactory) -> None:
+    a, b = new_id(), new_id()
+    # A payment of the 27th refunded on the 28th: the refund counts on the 28th.
+    p = succeeded(payment(a, amount=5000, created=LAST_OF_DAY - timedelta(days=1)))
+    usd = replace(succeeded(payment(a, amount=5000, created=LAST_OF_DAY - timedelta(days=1))), currency="USD")
+    r_late = refund(p, 100, created=LAST_OF_DAY)
+    r_early = refund(p, 200, created=FIRST_OF_NEXT)
+    r_ok = refund(p, 300, created=FIRST_OF_NEXT + timedelta(hours=1))
+    r_bad = refund(p, 400, created=FIRST_OF_NEXT + timedelta(hours=2))
+    r_usd = refund(usd, 500, created=datetime(2026, 2, 28, 8, 0, tzinfo=TOKYO))  # 23:00 UTC on the 27th
+    foreign = refund(payment(b), 600, created=FIRST_OF_NEXT)
+    await store(uow, p, usd, r_late, r_early, r_ok, r_bad, r_usd, foreign)
+    async with uow() as u:
+        await u.refunds.update(r_ok.settled("re_1", NOW))
+        await u.refunds.update(r_bad.failed(Failure(reason=FailureReason.REFUND_REJECTED, message="no"), NOW))
+        await u.commit()
+    start, end = datetime(2026, 2, 27, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)
+    pays, refunds = await daily(uow, a, start, end)
+    assert refunds == {
+        total(DAY1, "EUR", "pending", 1, 100),
+        total(DAY1, "USD", "pending", 1, 500),
+        total(DAY2, "EUR", "pending", 1, 200),
+        total(DAY2, "EUR", "succeeded", 1, 300),
+        total(DAY2, "EUR", "failed", 1, 400),
+    }
+    # The payments themselves were created the day before.
+    assert pays == set()
+    assert (await daily(uow, b, start, end))[1] == {total(DAY2, "EUR", "pending", 1, 600)}
+    # Half-open here too.
+    assert (await daily(uow, a, FIRST_OF_NEXT, FIRST_OF_NEXT + timedelta(hours=1)))[1] == {
+        total(DAY2, "EUR", "pending", 1, 200)
+    }

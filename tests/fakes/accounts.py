@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 import copy
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import TypeVar
 
 from keel.contexts.accounts.domain.errors import EmailTaken
@@ -56,6 +59,11 @@ class InMemoryTenantRepository:
         if tenant.id in self._s.tenants:
             self._s.tenants[tenant.id] = copy.deepcopy(tenant)
 
+    async def ids_after(self, after: uuid.UUID | None, limit: int) -> builtins.list[uuid.UUID]:
+        # Ascending in the SQL adapters' order: UUIDs compare like their 16 bytes, as the GUID columns do.
+        ids = sorted(t for t in self._s.tenants if after is None or t > after)
+        return ids[:limit]
+
 
 class InMemoryUserRepository:
     def __init__(self, state: AccountsState) -> None:
@@ -90,6 +98,14 @@ class InMemoryUserRepository:
             return False
         del self._s.users[user_id]
         return True
+
+    async def daily_new(self, tenant_id: uuid.UUID, start: datetime, end: datetime) -> builtins.list[tuple[date, int]]:
+        days = Counter(
+            u.created_at.astimezone(UTC).date()
+            for u in self._s.users.values()
+            if u.tenant_id == tenant_id and start <= u.created_at < end
+        )
+        return list(days.items())
 
 
 class InMemoryApiKeyRepository:

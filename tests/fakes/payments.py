@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import builtins
 import uuid
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import TypeVar
 
 from keel.contexts.payments.adapters.sql import sandbox
 from keel.contexts.payments.domain.model import (
     ChargeOrder,
+    DailyTotal,
     Failure,
     FailureReason,
     Payment,
@@ -48,6 +51,19 @@ def _newest_first(rows: builtins.list[R], page: PageRequest) -> Page[R]:
     if page.after is not None:
         ordered = [r for r in ordered if r.id < page.after]
     return Page.from_overfetch(ordered[: page.fetch], page)
+
+
+def _daily_totals(
+    rows: Iterable[Payment | Refund], tenant_id: uuid.UUID, start: datetime, end: datetime
+) -> builtins.list[DailyTotal]:
+    """Like the SQL adapters: rows created in [start, end), grouped by UTC day, currency and status."""
+    sums: dict[tuple[date, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for r in rows:
+        if r.tenant_id == tenant_id and start <= r.created_at < end:
+            pair = sums[(r.created_at.astimezone(UTC).date(), r.currency, r.status.value)]
+            pair[0] += 1
+            pair[1] += r.amount
+    return [DailyTotal(day=d, currency=c, status=s, count=n, amount=a) for (d, c, s), (n, a) in sums.items()]
 
 
 class InMemoryPaymentRepository:
@@ -87,6 +103,9 @@ class InMemoryPaymentRepository:
         ]
         return sorted(rows, key=lambda p: p.updated_at)[:limit]
 
+    async def daily_totals(self, tenant_id: uuid.UUID, start: datetime, end: datetime) -> builtins.list[DailyTotal]:
+        return _daily_totals(self._s.payments.values(), tenant_id, start, end)
+
 
 class InMemoryRefundRepository:
     def __init__(self, state: PaymentsState) -> None:
@@ -115,6 +134,9 @@ class InMemoryRefundRepository:
             r for r in self._s.refunds.values() if r.status is RefundStatus.PENDING and r.updated_at < updated_before
         ]
         return sorted(rows, key=lambda r: r.updated_at)[:limit]
+
+    async def daily_totals(self, tenant_id: uuid.UUID, start: datetime, end: datetime) -> builtins.list[DailyTotal]:
+        return _daily_totals(self._s.refunds.values(), tenant_id, start, end)
 
 
 class InMemoryPaymentsUnitOfWork(InMemoryUnitOfWork[PaymentsState]):

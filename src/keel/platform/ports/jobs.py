@@ -72,6 +72,8 @@ class PeriodicJob:
     def __post_init__(self) -> None:
         if (self.every > 0) == (self.cron is not None):
             raise ValueError(f"{self.name}: give exactly one of `every` (seconds) and `cron`")
+        if self.cron is not None and len(self.cron.split()) != 5:
+            raise ValueError(f"{self.name}: `cron` takes five fields (minute hour day month weekday)")
 
     def job_id_at(self, timestamp: float) -> str:
         """One job id per interval (per minute for cron schedules): a second scheduler, or a backlog,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from keel.contexts.accounts.public import UserStatistics
 from keel.contexts.analytics.domain import caching
@@ -70,14 +70,18 @@ def rollup_job_id(*parts: object) -> str:
     return str(uuid.uuid5(_JOB_NAMESPACE, ":".join(map(str, parts))))
 
 
+def _utc_day(at: datetime) -> date:
+    return (at.astimezone(UTC) if at.tzinfo else at).date()
+
+
 def _day_of(value: object, fallback: datetime) -> date:
     """The UTC day of an event's ISO timestamp (events recorded before the field existed: the event's own day)."""
     if isinstance(value, str):
         try:
-            return datetime.fromisoformat(value).date()
+            return _utc_day(datetime.fromisoformat(value))
         except ValueError:
             pass
-    return fallback.date()
+    return _utc_day(fallback)
 
 
 def affected_days(event: Event) -> set[date]:
@@ -88,10 +92,10 @@ def affected_days(event: Event) -> set[date]:
             days.add(_day_of(data.get("refund_created_at"), at))
         return days
     if event.type == "refund.created":
-        return {at.date()}  # a new pending refund; the payment's figures do not change
+        return {_utc_day(at)}  # a new pending refund; the payment's figures do not change
     if event.type == "user.deleted":
         return {_day_of(data.get("created_at"), at)}
-    return {at.date()}
+    return {_utc_day(at)}
 
 
 def _money(metric: Metric, totals: Iterable[DailyTotal]) -> list[Figure]:

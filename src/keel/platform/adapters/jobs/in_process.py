@@ -173,15 +173,20 @@ class InProcessJobQueue:
 
     async def _every(self, periodic: PeriodicJob) -> None:
         """The embedded stand-in for ``keel cron``: one run per interval (or per cron time), never two at once."""
-        while True:
-            if periodic.cron is not None:
-                # Local time, as RQ's cron scheduler reads the expression.
-                now = self._clock.now().astimezone()
-                due: datetime = croniter(periodic.cron, now).get_next(datetime)
-                await asyncio.sleep(max(0.0, (due - now).total_seconds()))
-            await self.enqueue(periodic.name, {}, job_id=periodic.job_id_at(self._clock.now().timestamp()))
-            if periodic.cron is None:
+        if periodic.cron is None:
+            while True:
+                await self.enqueue(periodic.name, {}, job_id=periodic.job_id_at(self._clock.now().timestamp()))
                 await asyncio.sleep(periodic.every)
+        last: datetime | None = None
+        while True:
+            # Local time, as RQ's cron scheduler reads the expression. Counting from the last fire time
+            # too: a timer that woke a moment early must not find the same fire time still ahead.
+            now = self._clock.now().astimezone()
+            due: datetime = croniter(periodic.cron, max(now, last) if last else now).get_next(datetime)
+            await asyncio.sleep(max(0.0, (due - now).total_seconds()))
+            # Named by the fire time, not by the clock on waking, for the same reason.
+            await self.enqueue(periodic.name, {}, job_id=periodic.job_id_at(due.timestamp()))
+            last = due
 
     def _schedule(self, job: _Job, delay: float) -> None:
         job.status = JobStatus.SCHEDULED
