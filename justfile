@@ -44,6 +44,11 @@ worker *ARGS: _sync
 cron *ARGS: _sync
     uv run --no-sync keel cron {{ARGS}}
 
-# Benchmarks (figures, never pass/fail): job platform throughput and latency
-bench *ARGS: _sync
-    uv run --no-sync python -m tests.benchmarks.jobs {{ARGS}}
+# Benchmarks (figures, never pass/fail): job platform throughput and latency, then the analytics summary
+bench: _sync
+    uv run --no-sync python -m tests.benchmarks.jobs
+    uv run --no-sync python -m tests.benchmarks.analytics
+
+# One benchmark with its own options, e.g. just bench-one analytics --payments 200000
+bench-one NAME *ARGS: _sync
+    uv run --no-sync python -m tests.benchmarks.{{NAME}} {{ARGS}}

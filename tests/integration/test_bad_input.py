@@ -24,6 +24,11 @@ corrupt, a decompression bomb, a JPEG labelled PNG: 422 ``/problems/invalid-imag
 already has an avatar: the model expects it still served afterwards, and the blob store to hold no upload
 that was not answered with a 202.
 
+The analytics summary takes a date range (``from``/``to``, UTC days, at most 366, not after today) and a
+currency; a rollup takes a body of two dates (closed days, at most 92). The valid rollups are all of days in
+2019 and 2020, so the rule about today never decides them; each really rolls its days up, and the model
+expects exactly the days of the rollups answered with a 202 to be rolled up.
+
 Every response must be below 500; every 4xx must be RFC 9457 problem+json whose ``status`` is the
 HTTP status and which carries the request id; cases with a clear answer (400, 401, 404, 405, 413,
 415, 422) must get exactly that. Finally, the tenant's data (and the row counts of every table)
@@ -48,6 +53,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from datetime import date, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -454,6 +460,7 @@ class State:
     refunds: dict[str, list[dict[str, Any]]]  # payment id -> its refunds
     avatars: dict[str, dict[int, str]]  # user id -> size -> ETag, for the users whose avatar is served
     uploads: dict[str, dict[str, set[str]]]  # user id -> upload id -> the files the blob store keeps of it
+    rolled_up: set[str]  # the tenant's days a rollup has covered (ISO dates)
 
 
 def _endpoint_id(path: str) -> str | None:
@@ -484,6 +491,9 @@ async def snapshot(ctx: Ctx, pg_url: str) -> State:
     conn = await asyncpg.connect(pg_url.replace("postgresql+asyncpg://", "postgresql://"))
     try:
         rows = {t: int(await conn.fetchval(f"SELECT count(*) FROM {t}")) for t in TABLES}
+        days = await conn.fetch(
+            "SELECT day FROM analytics_rolled_up_days WHERE tenant_id = $1", uuid.UUID(ctx.tenant_id)
+        )
     finally:
         await conn.close()
     endpoints = {e["id"]: e for e in await _all(ctx.client, "/v1/webhook-endpoints", headers)}
@@ -510,6 +520,7 @@ async def snapshot(ctx: Ctx, pg_url: str) -> State:
         refunds={p: await _all(ctx.client, f"/v1/payments/{p}/refunds", headers) for p in payments},
         avatars=avatars,
         uploads=stored_uploads(ctx.blobs),
+        rolled_up={d["day"].isoformat() for d in days},
     )
 
 
@@ -562,6 +573,9 @@ class Model:
             case ("POST", "/v1/payments/{payment_id:uuid}/refunds"):
                 refund = r.json()["refund"]
                 self.state.refunds.setdefault(refund["payment_id"], []).append(refund)
+            case ("POST", "/v1/analytics/rollups"):
+                start, end = date.fromisoformat(r.json()["from"]), date.fromisoformat(r.json()["to"])
+                self.state.rolled_up |= {(start + timedelta(days=i)).isoformat() for i in range((end - start).days + 1)}
             case ("PUT", "/v1/users/{user_id:uuid}/avatar"):
                 # Uploads go to the victim, whose avatar_url is already set: the profile stays as it is,
                 # and one of these uploads is what is served once their jobs have run.
@@ -620,6 +634,11 @@ class Model:
                 out.append(f"refunds of {pid}: expected {want.refunds.get(pid)}, found {after.refunds.get(pid)}")
 
         out += self._avatar_differences(before, after)
+        if after.rolled_up != want.rolled_up:
+            out.append(
+                f"rolled-up days: {sorted(after.rolled_up - want.rolled_up)} without an accepted rollup, "
+                f"{sorted(want.rolled_up - after.rolled_up)} accepted and not rolled up"
+            )
 
         def history(s: State) -> tuple[int, int]:
             deliveries = [d for ds in s.deliveries.values() for d in ds]
@@ -846,6 +865,52 @@ PAYMENT_FILTERS: tuple[tuple[str, str, str], ...] = (
     ("created-from-10k-chars", "created_from=" + "9" * 10_000, "bad"),
 )
 
+ANALYTICS = "/v1/analytics"
+# Closed days long past: the valid ranges do not depend on the date the suite runs on.
+ROLLUP_IN = Body(
+    fields=(Field("from", "rollup-from"), Field("to", "rollup-to")),
+    valid=lambda c: {"from": "2020-01-01", "to": "2020-01-31"},
+    echo=dict,
+)
+SUMMARY_QUERIES: tuple[tuple[str, str, str], ...] = (
+    ("from", "from=2020-01-01", "ok"),
+    ("to", "to=2020-01-31", "ok"),
+    ("leap-year-366-days", "from=2020-01-01&to=2020-12-31", "ok"),
+    ("one-day", "from=2020-02-29&to=2020-02-29", "ok"),
+    ("from-the-calendars-start", "from=0001-01-01", "ok"),
+    ("currency", "currency=EUR", "ok"),
+    ("currency-lowercase", "currency=jpy", "ok"),
+    ("everything", "from=2020-01-01&to=2020-01-31&currency=uSd", "ok"),
+    ("uppercase-name", "FROM=2999-01-01", "ok"),  # another (unknown) parameter: ignored
+    ("367-days", "from=2020-01-01&to=2021-01-01", "bad"),
+    ("from-after-to", "from=2020-01-02&to=2020-01-01", "bad"),
+    ("to-in-the-future", "to=2999-01-01", "bad"),
+    ("from-in-the-future", "from=2999-01-01", "bad"),
+    ("from-the-calendars-end", "from=9999-12-31", "bad"),
+    ("to-the-calendars-start", "to=0001-01-01", "bad"),
+    ("from-a-word", "from=yesterday", "bad"),
+    ("from-empty", "from=", "bad"),
+    ("from-month-13", "from=2020-13-01", "bad"),
+    ("from-not-a-leap-day", "from=2019-02-29", "bad"),
+    ("from-unpadded", "from=2020-1-1", "bad"),
+    ("from-a-timestamp", "from=2020-01-01T00:00:00Z", "bad"),
+    ("from-basic-format", "from=20200101", "bad"),
+    ("from-nul", "from=2020-01-01%00", "bad"),
+    ("from-10k-chars", "from=" + "2" * 10_000, "bad"),
+    ("to-five-digit-year", "to=10000-01-01", "bad"),
+    ("to-sql", "to=2020-01-01%27%20OR%20%271%27=%271", "bad"),
+    ("currency-unknown", "currency=XXX", "bad"),
+    ("currency-four-letters", "currency=EURO", "bad"),
+    ("currency-empty", "currency=", "bad"),
+    ("currency-digits", "currency=978", "bad"),
+    ("currency-symbol", "currency=%E2%82%AC", "bad"),
+    ("currency-trailing-newline", "currency=EUR%0A", "bad"),
+    ("currency-padded", "currency=%20EUR", "bad"),
+    ("currency-10k-chars", "currency=" + "E" * 10_000, "bad"),
+    ("from-repeated", "from=2020-01-01&from=2020-01-02", "lax"),
+    ("currency-repeated", "currency=EUR&currency=USD", "lax"),
+)
+
 AVATAR = "/v1/users/{user_id:uuid}/avatar"
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 AVATAR_SIZES: tuple[tuple[str, str, str], ...] = (
@@ -970,6 +1035,9 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("PUT", AVATAR): Endpoint(
         _ok(202), lambda c: f"/v1/users/{c.victim_user}/avatar", raw=RawBody(IMAGE_TYPES, lambda: png()), ids="user"
     ),
+    ("GET", ANALYTICS + "/summary"): Endpoint(_ok(200), lambda c: ANALYTICS + "/summary", filters=SUMMARY_QUERIES),
+    # Every valid rollup really rolls its days up: the model follows each 202.
+    ("POST", ANALYTICS + "/rollups"): Endpoint(_ok(202), lambda c: ANALYTICS + "/rollups", body=ROLLUP_IN),
     ("GET", "/healthz"): Endpoint(_ok(200), lambda c: "/healthz", auth=False),
     ("GET", "/livez"): Endpoint(_ok(200), lambda c: "/livez", auth=False),
     ("GET", "/problems/{slug:str}"): Endpoint(_ok(200), lambda c: "/problems/validation-error", auth=False, ids="slug"),
@@ -1425,6 +1493,55 @@ CHOICES: dict[str, Choices] = {
         valid=[(r, r, r) for r in ("requested_by_customer", "duplicate", "fraudulent")],
     ),
 }
+
+# Dates that are no date, whichever of a rollup's two they stand for.
+NOT_A_DATE: list[tuple[str, Any]] = [
+    *NOT_A_STRING,
+    ("empty", ""),
+    ("word", "yesterday"),
+    ("month-13", "2020-13-01"),
+    ("february-30", "2020-02-30"),
+    ("day-zero", "2020-01-00"),
+    ("year-zero", "0000-01-01"),
+    ("five-digit-year", "10000-01-01"),
+    ("unpadded", "2020-1-1"),
+    ("timestamp", "2020-01-01T00:00:00Z"),
+    ("timestamp-with-offset", "2020-01-01T00:00:00+02:00"),
+    ("basic-format", "20200101"),
+    ("slashes", "2020/01/01"),
+    ("day-first", "01-01-2020"),
+    ("week-date", "2020-W01-3"),
+    ("ordinal-date", "2020-001"),
+    ("leading-space", " 2020-01-01"),
+    ("trailing-newline", "2020-01-01\n"),
+    ("nul", "2020-01-01\x00"),
+    ("fullwidth-digits", "\uff12\uff10\uff12\uff10-01-01"),
+    ("sql", "2020-01-01'; DROP TABLE analytics_daily_figures; --"),
+    ("10k-chars", "2" * 10_000),
+]
+CHOICES["rollup-from"] = Choices(  # `to` is 2020-01-31
+    rejected=[
+        *NOT_A_DATE,
+        ("after-to", "2020-02-01"),
+        ("93-days", "2019-10-31"),
+        ("in-the-future", "2999-01-01"),
+        ("the-calendars-end", "9999-12-31"),
+        ("the-calendars-start", "0001-01-01"),
+    ],
+    lax=[],
+    valid=[("one-day", "2020-01-31", "2020-01-31"), ("92-days", "2019-11-01", "2019-11-01")],
+)
+CHOICES["rollup-to"] = Choices(  # `from` is 2020-01-01
+    rejected=[
+        *NOT_A_DATE,
+        ("before-from", "2019-12-31"),
+        ("93-days", "2020-04-02"),
+        ("in-the-future", "2999-01-01"),
+        ("the-calendars-end", "9999-12-31"),
+    ],
+    lax=[],
+    valid=[("one-day", "2020-01-01", "2020-01-01"), ("92-days-in-a-leap-year", "2020-04-01", "2020-04-01")],
+)
 
 # Idempotency-Key values the header's own cases send (None: no header at all).
 BAD_IDEMPOTENCY_KEYS: list[tuple[str, list[bytes]]] = [
@@ -2318,6 +2435,7 @@ async def test_bad_input(group: str, client: Client, tenant: dict[str, Any], pg_
             {p: list(rs) for p, rs in before.refunds.items()},
             dict(before.avatars),
             dict(before.uploads),
+            set(before.rolled_up),
         )
     )
 

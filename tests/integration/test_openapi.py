@@ -83,6 +83,8 @@ async def test_every_operation_is_typed_and_documents_its_errors(client: Client)
         ("get", "/v1/payments/{payment_id}/refunds/{refund_id}"),
         ("put", "/v1/users/{user_id}/avatar"),
         ("get", "/v1/users/{user_id}/avatar"),
+        ("get", "/v1/analytics/summary"),
+        ("post", "/v1/analytics/rollups"),
     }
     assert set(RAW_BODY) | set(BINARY_RESPONSE) <= {(m, p) for m, p, _ in operations}
     schemas = spec["components"]["schemas"]
@@ -162,6 +164,59 @@ async def test_every_operation_is_typed_and_documents_its_errors(client: Client)
     assert (size["schema"]["type"], size["schema"]["enum"], size["schema"]["default"]) == ("integer", [64, 256], 256)
     assert {"200", "401", "404"} <= set(download["responses"])
     assert "requestBody" not in download
+
+
+def ref_name(schema: dict[str, Any]) -> str:
+    return str(schema["$ref"]).removeprefix("#/components/schemas/")
+
+
+async def test_the_analytics_operations_publish_their_parameters_bodies_and_answers(client: Client) -> None:
+    spec: dict[str, Any] = (await client.get("/openapi.json")).json()
+    schemas = spec["components"]["schemas"]
+
+    get = spec["paths"]["/v1/analytics/summary"]["get"]
+    assert "requestBody" not in get
+    params = {p["name"]: p for p in get["parameters"] if p["in"] == "query"}
+    assert set(params) == {"from", "to", "currency"}  # as clients send them, not the handler's argument names
+    for name in ("from", "to"):
+        assert params[name]["required"] is False, name
+        assert {"type": "string", "format": "date"} in params[name]["schema"]["oneOf"], name
+    assert params["currency"]["required"] is False
+    assert params["currency"]["schema"]["pattern"] == r"^(?:[A-Za-z]{3})$(?!\n)"
+    assert {"200", "401", "422"} <= set(get["responses"])
+    for code in ("401", "422"):
+        assert set(get["responses"][code]["content"]) == {"application/problem+json"}, code
+    out = schemas[ref_name(get["responses"]["200"]["content"]["application/json"]["schema"])]
+    assert set(out["required"]) == {"from", "to", "currency", "totals", "days", "generated_at"}
+    assert (out["properties"]["from"]["format"], out["properties"]["to"]["format"]) == ("date", "date")
+    day = schemas[ref_name(out["properties"]["days"]["items"])]
+    assert set(day["required"]) == {"date", "rolled_up", "payments", "refunds", "new_users", "api_requests"}
+    assert day["properties"]["rolled_up"]["type"] == "boolean"
+    totals = schemas[ref_name(out["properties"]["totals"])]
+    assert set(totals["required"]) == {"payments", "refunds", "new_users", "api_requests"}
+    figure = schemas[ref_name(totals["properties"]["payments"]["items"])]
+    assert set(figure["required"]) == {"currency", "status", "count", "amount", "amount_display"}
+    assert figure["properties"]["amount"]["type"] == "integer"
+
+    post = spec["paths"]["/v1/analytics/rollups"]["post"]
+    assert set(post["responses"]) >= {"202", "400", "401", "413", "415", "422"}
+    assert "200" not in post["responses"]
+    rollup_in = schemas[ref_name(post["requestBody"]["content"]["application/json"]["schema"])]
+    assert rollup_in["additionalProperties"] is False
+    assert set(rollup_in["required"]) == set(rollup_in["properties"]) == {"from", "to"}
+    assert {p["format"] for p in rollup_in["properties"].values()} == {"date"}
+    accepted = schemas[ref_name(post["responses"]["202"]["content"]["application/json"]["schema"])]
+    assert set(accepted["required"]) == {"job_id", "status_url", "from", "to"}
+    # What the operations document, they answer.
+    tenant = (
+        await client.post("/v1/signup", json={"organization": "A", "owner_email": "o@a.test", "owner_name": "O"})
+    ).json()
+    headers = {"Authorization": f"Bearer {tenant['api_key']['token']}"}
+    r = await client.get("/v1/analytics/summary", params={"currency": "XXX"}, headers=headers)
+    assert (r.status_code, r.headers["content-type"]) == (422, "application/problem+json")
+    r = await client.post("/v1/analytics/rollups", json={"from": "2020-01-01", "to": "2020-01-02"}, headers=headers)
+    assert r.status_code == 202, r.text
+    assert set(r.json()) == set(accepted["properties"])
 
 
 async def request_bodies(client: Client) -> tuple[dict[str, Any], dict[tuple[str, str], dict[str, Any]]]:

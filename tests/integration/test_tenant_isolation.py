@@ -1,7 +1,8 @@
 """Tenant isolation over HTTP: tenant B can neither reach nor see anything of tenant A.
 
 A's data includes webhook endpoints (with their secrets), their delivery history, jobs, payments
-(succeeded, refunded in part, declined) with their refunds, and an avatar for every user; routes taking two
+(succeeded, refunded in part, declined) with their refunds, an avatar for every user, and the analytics
+that sum them up (two closed days rolled up by a job of the tenant); routes taking two
 ids (an endpoint's delivery, a payment's refund) are tried with each foreign id while the other is B's own.
 An avatar upload carries an image, not JSON: B sends a valid one, so that only the id can be refused.
 
@@ -15,12 +16,15 @@ new id-taking or list route without an isolation case fails the suite.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import re
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +111,7 @@ READ_ROUTES: dict[tuple[str, str], bool] = {
     ("GET", "/v1/webhook-endpoints"): True,
     ("GET", "/v1/webhook-event-types"): False,
     ("GET", "/v1/payments"): True,
+    ("GET", "/v1/analytics/summary"): False,
 }
 # Each tenant's deliveries are read through one of its endpoints (DELIVERY_LIST of its first one).
 DELIVERY_LIST = "deliveries of the first endpoint"
@@ -175,6 +180,9 @@ class Tenant:
     payments: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> payment, settled
     refunds: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> refund, settled
     avatars: dict[str, dict[int, str]] = field(default_factory=dict)  # user id -> size -> ETag, all served
+    # The day (UTC) it was populated on: its analytics are read for the 30 days ending then, so that they
+    # stay comparable should midnight pass during the test.
+    day: date = field(default_factory=lambda: datetime.now(UTC).date())
 
     def ids(self, kind: str) -> list[str]:
         return list(
@@ -303,7 +311,20 @@ async def populate(client: Client, signup: dict[str, Any], tag: str, n_users: in
     await settled(client, t, {first: n_users, second: 1}, attempts=n_users + 2)
     await pay(client, t, tag)
     await picture(client, t, tag)
+    await roll_up(client, t)
     return t
+
+
+async def roll_up(client: Client, t: Tenant) -> None:
+    """The tenant's last two closed days rolled up, by a job of the tenant."""
+    r = await client.post(
+        "/v1/analytics/rollups",
+        headers=t.headers,
+        json={"from": (t.day - timedelta(days=2)).isoformat(), "to": (t.day - timedelta(days=1)).isoformat()},
+    )
+    assert r.status_code == 202, r.text
+    t.jobs.append(r.json()["job_id"])
+    await reached(client, t, r.json()["status_url"], "succeeded")
 
 
 async def picture(client: Client, t: Tenant, tag: str) -> None:
@@ -462,6 +483,7 @@ async def state(client: Client, t: Tenant) -> dict[str, Any]:
     refunds = {p["id"]: (await read_all(client, f"/v1/payments/{p['id']}/refunds", t.headers))[0] for p in payments}
     avatars = {u["id"]: await avatar_state(client, t.headers, u["id"]) for u in users}
     return {
+        "analytics": await analytics_state(client, t),
         "tenant": tenant.json(),
         "users": users,
         "keys": keys,
@@ -471,6 +493,20 @@ async def state(client: Client, t: Tenant) -> dict[str, Any]:
         "refunds": refunds,
         "avatars": avatars,
     }
+
+
+async def analytics_state(client: Client, t: Tenant) -> dict[str, Any]:
+    """The tenant's analytics of the 30 days ending on its day, but for what reading them changes: the
+    request counts (reading is a request) and when the summary was computed."""
+    params = {"from": (t.day - timedelta(days=29)).isoformat(), "to": t.day.isoformat()}
+    r = await client.get("/v1/analytics/summary", params=params, headers=t.headers)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    del body["generated_at"]
+    del body["totals"]["api_requests"]
+    for d in body["days"]:
+        del d["api_requests"]
+    return body
 
 
 async def avatar_state(client: Client, headers: dict[str, str], user_id: str) -> dict[int, tuple[int, str, str]]:
@@ -768,6 +804,14 @@ async def test_tenant_scoped_writes_without_ids_stay_in_the_tenant(
     assert r.json()["refund"]["amount"] == 4_200
     await reached(client, b, f"/v1/payments/{created['id']}", "refunded")
     assert await state(client, a) == before, "B's payment and refund changed A's data"
+    # B's rollup rolls up B's days only (before B's rate limit drops to 7 a minute below).
+    span = {"from": (b.day - timedelta(days=20)).isoformat(), "to": (b.day - timedelta(days=3)).isoformat()}
+    r = await client.post("/v1/analytics/rollups", headers=b.headers, json=span)
+    assert r.status_code == 202, r.text
+    await reached(client, b, r.json()["status_url"], "succeeded")
+    r = await client.get("/v1/analytics/summary", params=span, headers=b.headers)
+    assert r.status_code == 200, r.text
+    assert all(d["rolled_up"] for d in r.json()["days"])
     for i, user in enumerate(u for u in a.users.values()):
         r = await client.post("/v1/users", headers=b.headers, json={"email": user["email"], "name": f"B copy {i}"})
         assert r.status_code == 201, f"B creating A's email {user['email']} -> {r.status_code} {r.text}"
@@ -870,3 +914,50 @@ async def test_cursors_do_not_cross_tenants(client: Client, world: tuple[Tenant,
                         if found:
                             failures.append(f"{label} -> mentions the other tenant's data: {found}")
     assert not failures, "\n".join(failures)
+
+
+def money_of(items: list[dict[str, Any]]) -> list[tuple[str, str, int, int]]:
+    """Payments or refunds summed up by (currency, status) as (currency, status, count, amount), in order."""
+    counts: Counter[tuple[str, str]] = Counter()
+    amounts: Counter[tuple[str, str]] = Counter()
+    for item in items:
+        counts[(item["currency"], item["status"])] += 1
+        amounts[(item["currency"], item["status"])] += item["amount"]
+    return [(c, s, counts[(c, s)], amounts[(c, s)]) for c, s in sorted(counts)]
+
+
+async def test_the_analytics_summary_sums_up_only_the_readers_data(
+    client: Client, world: tuple[Tenant, Tenant]
+) -> None:
+    """Both tenants have the same payments and refunds (amounts and statuses): each summary holds them once,
+    with the tenant's own users and requests, never the other's."""
+    a, b = world
+    container = client.app.state["container"]
+
+    async def flush() -> None:
+        await asyncio.to_thread(client.blocking_portal.call, container.request_counter.flush)
+        await asyncio.to_thread(client.blocking_portal.call, container.analytics.flush_requests)
+
+    async def today(t: Tenant) -> dict[str, Any]:
+        r = await client.get("/v1/analytics/summary", params={"from": t.day.isoformat()}, headers=t.headers)
+        assert r.status_code == 200, r.text
+        days: list[dict[str, Any]] = r.json()["days"]
+        return days[0]
+
+    for t in (a, b):
+        figures = await today(t)
+        label = t.body["tenant"]["name"]
+        shown = [(m["currency"], m["status"], m["count"], m["amount"]) for m in figures["payments"]]
+        assert shown == money_of(list(t.payments.values())), label
+        shown = [(m["currency"], m["status"], m["count"], m["amount"]) for m in figures["refunds"]]
+        assert shown == money_of(list(t.refunds.values())), label
+        assert figures["new_users"] == len(t.users), label
+    assert len(a.users) != len(b.users)
+
+    await flush()
+    before = (await today(a))["api_requests"]
+    for _ in range(7):
+        assert (await client.get("/v1/users", headers=b.headers)).status_code == 200
+    await flush()
+    # A's count grew by A's own summary request only.
+    assert (await today(a))["api_requests"] == before + 1

@@ -20,7 +20,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, inspect, text
+from sqlalchemy import JSON, BigInteger, Column, Date, Integer, MetaData, String, Table, inspect, select, text
 from sqlalchemy.engine import Connection
 
 from keel.main import db
@@ -28,6 +28,7 @@ from keel.platform.adapters.sql.engine import create_engine
 from tests.support.servers import PostgresServer, admin_sql
 
 APP_TABLES = set(db.all_metadata().tables)
+ANALYTICS_TABLES = {"analytics_daily_figures", "analytics_rolled_up_days", "analytics_request_batches"}
 VERSION_TABLE = "alembic_version"
 ENV_PY = db.migrations_dir() / "env.py"
 
@@ -191,7 +192,8 @@ async def test_upgrade_creates_expected_columns_indexes_and_constraints(empty_ur
         "created_at": False,
         "updated_at": False,
     }
-    for t in APP_TABLES - {"payments_sandbox_ledger", "avatars"}:
+    keyed_otherwise = {"payments_sandbox_ledger", "avatars", *ANALYTICS_TABLES} - {"analytics_request_batches"}
+    for t in APP_TABLES - keyed_otherwise:
         assert schema[t]["pk"] == ["id"], t
     assert schema["users"]["indexes"]["ix_users_tenant_id_id"] == ["tenant_id", "id"]
     assert schema["api_keys"]["indexes"]["ix_api_keys_tenant_id_id"] == ["tenant_id", "id"]
@@ -246,6 +248,7 @@ async def test_upgrade_creates_expected_columns_indexes_and_constraints(empty_ur
     assert schema["payment_refunds"]["indexes"] == {
         "ix_payment_refunds_tenant_payment_id": ["tenant_id", "payment_id", "id"],
         "ix_payment_refunds_status_updated": ["status", "updated_at"],
+        "ix_payment_refunds_tenant_created": ["tenant_id", "created_at"],  # 0006: daily totals of refunds
     }
     assert schema["payments_sandbox_ledger"]["columns"] == {
         "idempotency_key": False,
@@ -284,9 +287,36 @@ async def test_upgrade_creates_expected_columns_indexes_and_constraints(empty_ur
     assert schema["avatars"]["fks"] == set()
     assert schema["avatars"]["uniques"] == set()
 
+    # 0006: analytics. A figure is keyed by tenant, day, metric, currency and status (money metrics have
+    # one per currency and status, the others empty strings there: never NULL); a rolled-up day by tenant
+    # and day; a batch of request counts by its id, with an index to forget old batches by.
+    assert ANALYTICS_TABLES <= APP_TABLES
+    assert schema["analytics_daily_figures"]["columns"] == {
+        "tenant_id": False,
+        "day": False,
+        "metric": False,
+        "currency": False,
+        "status": False,
+        "count": False,
+        "amount": False,
+    }
+    assert schema["analytics_daily_figures"]["pk"] == ["tenant_id", "day", "metric", "currency", "status"]
+    assert schema["analytics_daily_figures"]["indexes"] == {}
+    assert schema["analytics_rolled_up_days"]["columns"] == {"tenant_id": False, "day": False, "computed_at": False}
+    assert schema["analytics_rolled_up_days"]["pk"] == ["tenant_id", "day"]
+    assert schema["analytics_rolled_up_days"]["indexes"] == {}
+    assert schema["analytics_request_batches"]["columns"] == {"id": False, "added_at": False}
+    assert schema["analytics_request_batches"]["pk"] == ["id"]
+    assert schema["analytics_request_batches"]["indexes"] == {"ix_analytics_request_batches_added_at": ["added_at"]}
+    for t in ANALYTICS_TABLES:
+        assert schema[t]["fks"] == set(), t
+        assert schema[t]["uniques"] == set(), t
+    # Rollups read users and refunds by tenant and creation time (payments had that index already).
+    assert schema["users"]["indexes"]["ix_users_tenant_created"] == ["tenant_id", "created_at"]
+
     def types(conn: Connection) -> dict[str, dict[str, Any]]:
         insp = inspect(conn)
-        return {t: {c["name"]: c["type"] for c in insp.get_columns(t)} for t in ("users", "avatars")}
+        return {t: {c["name"]: c["type"] for c in insp.get_columns(t)} for t in ("users", "avatars", *ANALYTICS_TABLES)}
 
     columns = await _with_connection(empty_url, types)
     assert isinstance(columns["users"]["avatar_url"], String)
@@ -294,6 +324,16 @@ async def test_upgrade_creates_expected_columns_indexes_and_constraints(empty_ur
     for name, length in [("status", 20), ("original_key", 300), ("original_type", 50), ("error", 500)]:
         assert isinstance(columns["avatars"][name], String), name
         assert columns["avatars"][name].length == length, name
+    figures = columns["analytics_daily_figures"]
+    for name, length in [("metric", 20), ("currency", 3), ("status", 20)]:
+        assert isinstance(figures[name], String), name
+        assert figures[name].length == length, name
+    # Sums of minor units over many payments outgrow 32 bits.
+    for name in ("count", "amount"):
+        assert isinstance(figures[name], BigInteger), name
+    assert isinstance(figures["day"], Date)
+    assert isinstance(columns["analytics_request_batches"]["id"], String)
+    assert columns["analytics_request_batches"]["id"].length == 64
 
 
 async def test_the_payments_revision_adds_and_removes_only_its_tables(empty_url: str) -> None:
@@ -385,6 +425,105 @@ async def test_the_media_revision_keeps_users_and_their_avatar_urls_across_a_rou
     assert "avatar_url" not in await user_columns(empty_url)
     db.upgrade(empty_url, "0005")
     assert await _with_connection(empty_url, read) == [("a@acme.test", None)]
+
+
+async def indexes(url: str, table: str) -> set[str]:
+    return await _with_connection(url, lambda c: {str(i["name"]) for i in inspect(c).get_indexes(table)})
+
+
+async def test_the_analytics_revision_adds_and_removes_only_its_tables_and_indexes(empty_url: str) -> None:
+    db.upgrade(empty_url, "0005")
+    before = await table_names(empty_url)
+    assert not before & ANALYTICS_TABLES
+    users, refunds = await indexes(empty_url, "users"), await indexes(empty_url, "payment_refunds")
+    assert "ix_users_tenant_created" not in users
+    assert "ix_payment_refunds_tenant_created" not in refunds
+    db.upgrade(empty_url, "0006")
+    assert await table_names(empty_url) == before | ANALYTICS_TABLES
+    assert await indexes(empty_url, "users") == users | {"ix_users_tenant_created"}
+    assert await indexes(empty_url, "payment_refunds") == refunds | {"ix_payment_refunds_tenant_created"}
+    db.downgrade(empty_url, "0005")
+    assert await table_names(empty_url) == before
+    assert (await indexes(empty_url, "users"), await indexes(empty_url, "payment_refunds")) == (users, refunds)
+    assert await current_revision(empty_url) == "0005"
+    db.upgrade(empty_url, "head")
+    await assert_at_head(empty_url)
+    assert await schema_diffs(empty_url) == []
+
+
+async def test_the_analytics_revision_keeps_users_and_refunds_across_a_round_trip(empty_url: str) -> None:
+    """0006 indexes two existing tables (on SQLite, in batch mode): their rows survive it both ways."""
+    db.upgrade(empty_url, "0005")
+    tenant_id, user_id, refund_id, payment_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    meta = MetaData()
+    tenants = Table(
+        "tenants",
+        meta,
+        Column("id", GUID),
+        Column("name", String),
+        Column("config", JSON),
+        Column("created_at", DateTimeUTC(timezone=True)),
+        Column("updated_at", DateTimeUTC(timezone=True)),
+    )
+    users = Table(
+        "users",
+        meta,
+        *(Column(name, GUID) for name in ("id", "tenant_id")),
+        *(Column(name, String) for name in ("email", "name", "role")),
+        *(Column(name, DateTimeUTC(timezone=True)) for name in ("created_at", "updated_at")),
+    )
+    refunds = Table(
+        "payment_refunds",
+        meta,
+        *(Column(name, GUID) for name in ("id", "tenant_id", "payment_id")),
+        Column("amount", BigInteger),
+        *(Column(name, String) for name in ("currency", "status")),
+        *(Column(name, DateTimeUTC(timezone=True)) for name in ("created_at", "updated_at")),
+    )
+    now = datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC)
+
+    def seed(conn: Connection) -> None:
+        conn.execute(tenants.insert().values(id=tenant_id, name="Acme", config={}, created_at=now, updated_at=now))
+        conn.execute(
+            users.insert().values(
+                id=user_id,
+                tenant_id=tenant_id,
+                email="a@acme.test",
+                name="A",
+                role="member",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        conn.execute(
+            refunds.insert().values(
+                id=refund_id,
+                tenant_id=tenant_id,
+                payment_id=payment_id,
+                amount=1000,
+                currency="EUR",
+                status="succeeded",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        conn.commit()
+
+    def read(conn: Connection) -> list[tuple[Any, ...]]:
+        return [
+            *(tuple(r) for r in conn.execute(select(users.c.id, users.c.email, users.c.created_at))),
+            *(tuple(r) for r in conn.execute(select(refunds.c.id, refunds.c.amount, refunds.c.created_at))),
+        ]
+
+    await _with_connection(empty_url, seed)
+    expected = [(user_id, "a@acme.test", now), (refund_id, 1000, now)]
+    assert await _with_connection(empty_url, read) == expected
+    db.upgrade(empty_url, "0006")
+    assert await _with_connection(empty_url, read) == expected
+    db.downgrade(empty_url, "0005")
+    assert await _with_connection(empty_url, read) == expected
+    db.upgrade(empty_url, "0006")
+    assert await _with_connection(empty_url, read) == expected
 
 
 async def user_columns(url: str) -> set[str]:

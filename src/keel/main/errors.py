@@ -99,10 +99,24 @@ def _field_error(message: str, key: str | None, source: object) -> FieldError:
     return FieldError(detail=message, parameter=key, location=str(source))
 
 
+def _sent_name(request: Request[Any, Any, Any], key: str | None, source: object) -> str | None:
+    """The name the client sent: Litestar reports a parameter by its Python name (``start`` for
+    ``?from=``, a keyword Python cannot take)."""
+    if key is None or getattr(source, "value", source) in (None, "body"):
+        return key
+    param = request.route_handler.parsed_fn_signature.parameters.get(key)
+    definition = getattr(param, "kwarg_definition", None)
+    return getattr(definition, "name", None) or getattr(definition, "query", None) or key
+
+
 def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Problem]:
     extra = exc.extra if isinstance(exc.extra, list) else []
     errors = [
-        _field_error(str(item.get("message", "Invalid value.")), item.get("key"), item.get("source"))
+        _field_error(
+            str(item.get("message", "Invalid value.")),
+            _sent_name(request, item.get("key"), item.get("source")),
+            item.get("source"),
+        )
         for item in extra
         if isinstance(item, dict)
     ]

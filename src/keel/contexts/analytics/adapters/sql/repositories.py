@@ -30,6 +30,10 @@ class SqlRollupRepository:
         return sqlite.insert(model)
 
     async def replace_day(self, tenant_id: uuid.UUID, day: date, figures: Sequence[Figure], at: datetime) -> None:
+        # The day's marker first: its row lock makes concurrent rollups of one day take turns, so the
+        # second one's DELETE sees (and removes) what the first inserted instead of colliding with it.
+        mark = self._insert(RolledUpDayRow).values(tenant_id=tenant_id, day=day, computed_at=at)
+        await self._s.execute(mark.on_conflict_do_update(index_elements=["tenant_id", "day"], set_={"computed_at": at}))
         await self._s.execute(
             delete(DailyFigureRow).where(
                 DailyFigureRow.tenant_id == tenant_id, DailyFigureRow.day == day, DailyFigureRow.metric.in_(_RECOMPUTED)
@@ -50,8 +54,6 @@ class SqlRollupRepository:
         ]
         if rows:
             await self._s.execute(self._insert(DailyFigureRow), rows)
-        stmt = self._insert(RolledUpDayRow).values(tenant_id=tenant_id, day=day, computed_at=at)
-        await self._s.execute(stmt.on_conflict_do_update(index_elements=["tenant_id", "day"], set_={"computed_at": at}))
 
     async def figures(self, tenant_id: uuid.UUID, start: date, end: date) -> builtins.list[Figure]:
         # Plain columns, not ORM objects: a year of a busy tenant is thousands of rows per summary.
