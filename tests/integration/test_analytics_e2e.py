@@ -48,7 +48,7 @@ from keel.platform.adapters.jobs.in_process import InProcessJobQueue
 from keel.platform.adapters.jobs.rq_queue import RqJobQueue
 from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.domain.jobs import LOW
-from tests.support.app import client_for, finished_job, make_settings, signup
+from tests.support.app import client_for, finished_job, job, make_settings, signup
 from tests.support.rq import run_rq_worker, runtime_installed
 from tests.support.servers import PostgresServer, admin_sql
 from tests.support.waiting import eventually
@@ -285,13 +285,6 @@ async def on_app(client: Client, fn: Callable[[], Awaitable[T]]) -> T:
 
 async def summary(client: Client, tenant: dict[str, Any], **params: str) -> dict[str, Any]:
     r = await client.get("/v1/analytics/summary", params=params, headers=tenant["headers"])
-    assert r.status_code == 200, r.text
-    found: dict[str, Any] = r.json()
-    return found
-
-
-async def job(client: Client, tenant: dict[str, Any], job_id: str) -> dict[str, Any]:
-    r = await client.get(f"/v1/jobs/{job_id}", headers=tenant["headers"])
     assert r.status_code == 200, r.text
     found: dict[str, Any] = r.json()
     return found

@@ -368,13 +368,9 @@ async def test_the_media_revision_adds_and_removes_only_avatars_and_the_avatar_u
     assert await schema_diffs(empty_url) == []
 
 
-async def test_the_media_revision_keeps_users_and_their_avatar_urls_across_a_round_trip(empty_url: str) -> None:
-    """Users written before 0005 read back with a null avatar_url; going down drops only the column (the
-    users survive), and going up again gives them a null one."""
-    db.upgrade(empty_url, "0004")
-    tenant_id, user_id = uuid.uuid4(), uuid.uuid4()
-
-    # The tables as 0004 left them (just the columns written here), in the app's portable types.
+def tenants_and_users() -> tuple[Table, Table]:
+    """The tenants and users tables as 0004 and 0005 leave them (just the columns the round trips
+    write), in the app's portable types."""
     meta = MetaData()
     tenants = Table(
         "tenants",
@@ -392,6 +388,16 @@ async def test_the_media_revision_keeps_users_and_their_avatar_urls_across_a_rou
         *(Column(name, String) for name in ("email", "name", "role")),
         *(Column(name, DateTimeUTC(timezone=True)) for name in ("created_at", "updated_at")),
     )
+    return tenants, users
+
+
+async def test_the_media_revision_keeps_users_and_their_avatar_urls_across_a_round_trip(empty_url: str) -> None:
+    """Users written before 0005 read back with a null avatar_url; going down drops only the column (the
+    users survive), and going up again gives them a null one."""
+    db.upgrade(empty_url, "0004")
+    tenant_id, user_id = uuid.uuid4(), uuid.uuid4()
+
+    tenants, users = tenants_and_users()
     now = datetime(2026, 1, 1, tzinfo=UTC)
 
     def seed(conn: Connection) -> None:
@@ -455,23 +461,8 @@ async def test_the_analytics_revision_keeps_users_and_refunds_across_a_round_tri
     """0006 indexes two existing tables (on SQLite, in batch mode): their rows survive it both ways."""
     db.upgrade(empty_url, "0005")
     tenant_id, user_id, refund_id, payment_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    meta = MetaData()
-    tenants = Table(
-        "tenants",
-        meta,
-        Column("id", GUID),
-        Column("name", String),
-        Column("config", JSON),
-        Column("created_at", DateTimeUTC(timezone=True)),
-        Column("updated_at", DateTimeUTC(timezone=True)),
-    )
-    users = Table(
-        "users",
-        meta,
-        *(Column(name, GUID) for name in ("id", "tenant_id")),
-        *(Column(name, String) for name in ("email", "name", "role")),
-        *(Column(name, DateTimeUTC(timezone=True)) for name in ("created_at", "updated_at")),
-    )
+    tenants, users = tenants_and_users()
+    meta = tenants.metadata
     refunds = Table(
         "payment_refunds",
         meta,
