@@ -6,16 +6,23 @@ import asyncio
 import uuid
 
 import pytest
+from redis.asyncio import Redis
 
 from keel.platform.adapters.limits_rate_limiter import LimitsRateLimiter
+from keel.platform.adapters.redis.rate_limiter import RedisRateLimiter
 from keel.platform.ports.rate_limit import RateLimiter
+
+
+def on_redis(url: str) -> RedisRateLimiter:
+    # As the container builds it: the shared client, with its short timeouts.
+    return RedisRateLimiter(Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5))
 
 
 @pytest.fixture(params=["memory", "redis"])
 def limiter(request: pytest.FixtureRequest) -> RateLimiter:
     if request.param == "memory":
         return LimitsRateLimiter.in_memory()
-    return LimitsRateLimiter.redis(str(request.getfixturevalue("redis_url")), 0.5)
+    return on_redis(str(request.getfixturevalue("redis_url")))
 
 
 def fresh_key() -> str:
@@ -86,7 +93,7 @@ async def test_concurrent_hits_admit_exactly_the_limit(limiter: RateLimiter) -> 
 
 async def test_two_redis_limiters_share_one_count(redis_url: str) -> None:
     """Two API processes, each with its own connection pool, still admit exactly the quota together."""
-    one, two = LimitsRateLimiter.redis(redis_url, 0.5), LimitsRateLimiter.redis(redis_url, 0.5)
+    one, two = on_redis(redis_url), on_redis(redis_url)
     key = fresh_key()
     decisions = await asyncio.gather(*(lim.hit(key, 15, 60) for _ in range(20) for lim in (one, two)))
     assert sum(d.allowed for d in decisions) == 15
@@ -96,6 +103,6 @@ async def test_redis_unreachable_raises_quickly() -> None:
     """The middleware fails open on an exception; the adapter must raise one rather than hang."""
     from tests.support.servers import free_port
 
-    limiter = LimitsRateLimiter.redis(f"redis://127.0.0.1:{free_port()}/0", 0.5)
+    limiter = on_redis(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(Exception):  # noqa: B017, PT011 - any error: the middleware catches them all
         await asyncio.wait_for(limiter.hit(fresh_key(), 5, 60), timeout=5)

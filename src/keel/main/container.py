@@ -63,6 +63,7 @@ from keel.platform.adapters.memory.idempotency import InMemoryIdempotencyStore
 from keel.platform.adapters.redis.cache import RedisCache
 from keel.platform.adapters.redis.health import RedisHealthCheck
 from keel.platform.adapters.redis.idempotency import RedisIdempotencyStore
+from keel.platform.adapters.redis.rate_limiter import RedisRateLimiter
 from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.adapters.sql.health import SqlHealthCheck
 from keel.platform.adapters.sql.outbox import SqlOutboxRelay, outbox_jobs
@@ -212,7 +213,7 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         )
         checks.append(RedisHealthCheck(redis))
         store = RedisCache(redis)
-        limiter = LimitsRateLimiter.redis(settings.redis_url, settings.redis_timeout)
+        limiter = RedisRateLimiter(redis)
         idempotency = RedisIdempotencyStore(redis)
         tally = RedisRequestTally(redis)
     else:

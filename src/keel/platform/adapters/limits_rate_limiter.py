@@ -1,5 +1,6 @@
-"""Rate limiting on the ``limits`` library: a moving (sliding-log) window, atomic in Redis through the
-library's own Lua scripts, so N processes together admit exactly the quota."""
+"""Rate limiting on the ``limits`` library's moving (sliding-log) window, for the embedded default (one
+process, in memory). With Redis, ``redis.rate_limiter.RedisRateLimiter`` keeps the same semantics in
+one round trip."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import time
 
 from limits import RateLimitItemPerSecond
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from keel.platform.ports.rate_limit import RateLimitDecision
@@ -20,18 +21,6 @@ class LimitsRateLimiter:
     @classmethod
     def in_memory(cls) -> LimitsRateLimiter:
         return cls(MemoryStorage())
-
-    @classmethod
-    def redis(cls, url: str, timeout: float) -> LimitsRateLimiter:
-        storage = RedisStorage(
-            url,
-            implementation="redispy",
-            key_prefix="keel:ratelimit",
-            wrap_exceptions=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-        )
-        return cls(storage)
 
     async def hit(self, key: str, limit: int, window: int) -> RateLimitDecision:
         item = RateLimitItemPerSecond(limit, window)
