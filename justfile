@@ -44,11 +44,16 @@ worker *ARGS: _sync
 cron *ARGS: _sync
     uv run --no-sync keel cron {{ARGS}}
 
-# Benchmarks (figures, never pass/fail): job platform throughput and latency, then the analytics summary
-bench: _sync
+# Benchmarks (figures, never pass/fail): HTTP load against the framework ceiling, job platform, analytics summary
+bench: _sync _wrk
+    uv run --no-sync python -m tests.benchmarks.load
     uv run --no-sync python -m tests.benchmarks.jobs
     uv run --no-sync python -m tests.benchmarks.analytics
 
-# One benchmark with its own options, e.g. just bench-one analytics --payments 200000
-bench-one NAME *ARGS: _sync
+# One benchmark with its own options, e.g. just bench-one load --runs 1 --soak 300
+bench-one NAME *ARGS: _sync _wrk
     uv run --no-sync python -m tests.benchmarks.{{NAME}} {{ARGS}}
+
+# The load generator (Debian's wrk) when it is missing
+_wrk:
+    @command -v wrk >/dev/null || { if [ "$(id -u)" = 0 ]; then apt-get install -y -qq wrk; else sudo apt-get install -y -qq wrk; fi; }
