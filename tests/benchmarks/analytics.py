@@ -272,6 +272,9 @@ def generate(
     return payment_rows, refund_rows, user_rows
 
 
+DbRow = dict[str, Any]
+
+
 async def bulk_insert(engine: AsyncEngine, model: Any, rows: list[dict[str, Any]]) -> None:
     table = model.__table__
     # Core executemany takes column names, not attribute names (``metadata_`` is column ``metadata``).
@@ -280,6 +283,18 @@ async def bulk_insert(engine: AsyncEngine, model: Any, rows: list[dict[str, Any]
         for i in range(0, len(rows), BATCH):
             batch = [{renames[k]: v for k, v in r.items()} for r in rows[i : i + BATCH]]
             await conn.execute(insert(table), batch)
+
+
+async def store_and_analyze(
+    engine: AsyncEngine, users: list[DbRow], payments: list[DbRow], refunds: list[DbRow]
+) -> None:
+    """Bulk-insert seeded rows, then ANALYZE so the planner sees the seeded sizes."""
+    await bulk_insert(engine, UserRow, users)
+    await bulk_insert(engine, PaymentRow, payments)
+    await bulk_insert(engine, RefundRow, refunds)
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(text("ANALYZE"))
 
 
 async def seed(
@@ -301,12 +316,7 @@ async def seed(
         all_payments += p
         all_refunds += r
         all_users += u
-    await bulk_insert(engine, PaymentRow, all_payments)
-    await bulk_insert(engine, RefundRow, all_refunds)
-    await bulk_insert(engine, UserRow, all_users)
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text("ANALYZE"))
+    await store_and_analyze(engine, all_users, all_payments, all_refunds)
     print(
         f"Seeded {len(all_payments):,} payments, {len(all_refunds):,} refunds, {len(all_users):,} users over "
         f"{len(tenants)} tenants; the measured tenant has {sum(target.payments.values()):,} payments "

@@ -75,8 +75,6 @@ from redis import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from keel.contexts.accounts.adapters.sql.models import UserRow
-from keel.contexts.payments.adapters.sql.models import PaymentRow, RefundRow
 from keel.main import db
 from keel.main.logging import configure_logging
 from keel.platform.domain.jobs import QUEUES
@@ -84,10 +82,10 @@ from tests.benchmarks.analytics import (
     Keel,
     OutOfTime,
     Seeded,
-    bulk_insert,
     engine_for,
     generate,
     signup,
+    store_and_analyze,
     wait_ready,
 )
 from tests.support.app import UNLIMITED
@@ -217,12 +215,7 @@ async def seed(
         all_users += u
         token = headers["Authorization"].removeprefix("Bearer ")
         tenants.append(Tenant(tenant_id, token, [row["id"] for row in rng.sample(u, min(ids_per_tenant, len(u)))]))
-    await bulk_insert(engine, UserRow, all_users)
-    await bulk_insert(engine, PaymentRow, all_payments)
-    await bulk_insert(engine, RefundRow, all_refunds)
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text("ANALYZE"))
+    await store_and_analyze(engine, all_users, all_payments, all_refunds)
     print(
         f"Seeded {len(all_users):,} users, {len(all_payments):,} payments and {len(all_refunds):,} refunds over "
         f"{len(tenants)} tenants.",

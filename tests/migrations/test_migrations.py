@@ -391,6 +391,14 @@ def tenants_and_users() -> tuple[Table, Table]:
     return tenants, users
 
 
+def insert_tenant_and_user(
+    conn: Connection, tenants: Table, users: Table, tenant_id: uuid.UUID, user_id: uuid.UUID, now: datetime
+) -> None:
+    conn.execute(tenants.insert().values(id=tenant_id, name="Acme", config={}, created_at=now, updated_at=now))
+    values = {"email": "a@acme.test", "name": "A", "role": "member", "created_at": now, "updated_at": now}
+    conn.execute(users.insert().values(id=user_id, tenant_id=tenant_id, **values))
+
+
 async def test_the_media_revision_keeps_users_and_their_avatar_urls_across_a_round_trip(empty_url: str) -> None:
     """Users written before 0005 read back with a null avatar_url; going down drops only the column (the
     users survive), and going up again gives them a null one."""
@@ -401,18 +409,7 @@ async def test_the_media_revision_keeps_users_and_their_avatar_urls_across_a_rou
     now = datetime(2026, 1, 1, tzinfo=UTC)
 
     def seed(conn: Connection) -> None:
-        conn.execute(tenants.insert().values(id=tenant_id, name="Acme", config={}, created_at=now, updated_at=now))
-        conn.execute(
-            users.insert().values(
-                id=user_id,
-                tenant_id=tenant_id,
-                email="a@acme.test",
-                name="A",
-                role="member",
-                created_at=now,
-                updated_at=now,
-            )
-        )
+        insert_tenant_and_user(conn, tenants, users, tenant_id, user_id, now)
         conn.commit()
 
     def read(conn: Connection) -> list[tuple[Any, ...]]:
@@ -474,18 +471,7 @@ async def test_the_analytics_revision_keeps_users_and_refunds_across_a_round_tri
     now = datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC)
 
     def seed(conn: Connection) -> None:
-        conn.execute(tenants.insert().values(id=tenant_id, name="Acme", config={}, created_at=now, updated_at=now))
-        conn.execute(
-            users.insert().values(
-                id=user_id,
-                tenant_id=tenant_id,
-                email="a@acme.test",
-                name="A",
-                role="member",
-                created_at=now,
-                updated_at=now,
-            )
-        )
+        insert_tenant_and_user(conn, tenants, users, tenant_id, user_id, now)
         conn.execute(
             refunds.insert().values(
                 id=refund_id,
