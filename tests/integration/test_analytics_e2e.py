@@ -17,7 +17,6 @@ that starts within two minutes of midnight waits for it, so its days cannot move
 from __future__ import annotations
 
 import asyncio
-import time as monotonic
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -49,7 +48,7 @@ from keel.platform.adapters.jobs.rq_queue import RqJobQueue
 from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.domain.jobs import LOW
 from tests.support.app import client_for, finished_job, job, make_settings, signup
-from tests.support.rq import run_rq_worker, runtime_installed
+from tests.support.rq import run_rq_worker, runtime_installed, work_until
 from tests.support.servers import PostgresServer, admin_sql
 from tests.support.waiting import eventually
 
@@ -354,15 +353,7 @@ class Stack:
         return str(self.tenant["tenant"]["id"])
 
     async def work_until(self, done: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
-        """Bursts of the RQ worker until ``done()`` holds."""
-        deadline = monotonic.monotonic() + within
-        while True:
-            run_rq_worker(self.connection)
-            if await done():
-                return
-            if monotonic.monotonic() > deadline:
-                raise AssertionError(f"not done within {within}s of worker bursts")
-            await asyncio.sleep(0.1)
+        await work_until(self.connection, done, within)
 
     async def finished(self, job_id: str, tenant: dict[str, Any] | None = None) -> dict[str, Any]:
         who = tenant or self.tenant

@@ -8,9 +8,7 @@ is invalidated. A deleted user's avatar is removed by the worker as well.
 
 from __future__ import annotations
 
-import asyncio
 import io
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -32,8 +30,8 @@ from keel.contexts.media.domain.services import FORGET_JOB, PROCESS_JOB
 from keel.main.worker import make_runtime
 from keel.platform.adapters.jobs.rq_queue import RqJobQueue
 from keel.platform.domain.jobs import LOW
-from tests.support.app import client_for, make_settings, signup
-from tests.support.rq import run_rq_worker, runtime_installed
+from tests.support.app import client_for, job, make_settings, signup
+from tests.support.rq import runtime_installed, work_until
 
 Client = AsyncTestClient[Litestar]
 RED, BLUE = (220, 20, 20), (20, 20, 220)
@@ -66,21 +64,10 @@ class Stack:
         return str(self.tenant["tenant"]["id"])
 
     async def work_until(self, done: Callable[[], Awaitable[bool]], within: float = 15.0) -> None:
-        """Bursts of the RQ worker until ``done()`` holds."""
-        deadline = time.monotonic() + within
-        while True:
-            run_rq_worker(self.connection)
-            if await done():
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not done within {within}s of worker bursts")
-            await asyncio.sleep(0.1)
+        await work_until(self.connection, done, within)
 
     async def job(self, job_id: str) -> dict[str, Any]:
-        r = await self.client.get(f"/v1/jobs/{job_id}", headers=self.headers)
-        assert r.status_code == 200, r.text
-        found: dict[str, Any] = r.json()
-        return found
+        return await job(self.client, self.tenant, job_id)
 
     async def finished(self, job_id: str) -> dict[str, Any]:
         async def done() -> bool:

@@ -13,9 +13,7 @@ settles in about two seconds.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -45,9 +43,9 @@ from keel.platform.adapters.jobs.rq_queue import RqJobQueue
 from keel.platform.adapters.sql.engine import create_engine
 from keel.platform.domain.events import event_job_id
 from keel.platform.domain.jobs import RetryPolicy
-from tests.support.app import client_for, make_settings, signup
+from tests.support.app import client_for, job, make_settings, signup
 from tests.support.receivers import Received, Receiver, webhook_receiver
-from tests.support.rq import run_rq_worker, runtime_installed
+from tests.support.rq import run_rq_worker, runtime_installed, work_until
 from tests.support.smtp import Delivered, SmtpSink, smtp_server
 
 Client = AsyncTestClient[Litestar]
@@ -71,16 +69,7 @@ class Stack:
         return {**self.headers, "Idempotency-Key": key or f"e2e-{uuid.uuid4().hex}"}
 
     async def work_until(self, done: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
-        """Bursts of the RQ worker (each runs everything queued, after moving due retries onto their
-        queues) until ``done()`` holds."""
-        deadline = time.monotonic() + within
-        while True:
-            run_rq_worker(self.connection)
-            if await done():
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not done within {within}s of worker bursts")
-            await asyncio.sleep(0.1)
+        await work_until(self.connection, done, within)
 
     async def payment(self, payment_id: str) -> dict[str, Any]:
         r = await self.client.get(f"/v1/payments/{payment_id}", headers=self.headers)
@@ -98,10 +87,7 @@ class Stack:
         return await self.payment(payment_id)
 
     async def job(self, job_id: str) -> dict[str, Any]:
-        r = await self.client.get(f"/v1/jobs/{job_id}", headers=self.headers)
-        assert r.status_code == 200, r.text
-        found: dict[str, Any] = r.json()
-        return found
+        return await job(self.client, {"headers": self.headers}, job_id)
 
     async def count(self, stmt: Any) -> int:
         async with self.db.connect() as conn:

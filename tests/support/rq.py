@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import redis
@@ -41,6 +43,19 @@ def run_rq_worker(connection: redis.Redis, queues: Sequence[str] = QUEUES) -> bo
     worker = BurstWorker(rq_queues, connection=connection, serializer=JSONSerializer)
     with _signals_restored():
         return worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
+
+
+async def work_until(connection: redis.Redis, done: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
+    """Bursts of the RQ worker (each runs everything queued, after moving due retries onto their
+    queues) until ``done()`` holds."""
+    deadline = time.monotonic() + within
+    while True:
+        run_rq_worker(connection)
+        if await done():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not done within {within}s of worker bursts")
+        await asyncio.sleep(0.1)
 
 
 @contextmanager
