@@ -1,4 +1,4 @@
-"""HTTP load benchmark: Keel under ``wrk`` against the framework ceiling (issue 7).
+"""HTTP load benchmark: Keel under ``wrk`` against the framework ceiling.
 
 Everything runs on 127.0.0.1 against throwaway servers, and every process started here is ended in
 ``finally`` blocks, on errors and on the time limit too:
@@ -34,7 +34,7 @@ Errors are responses with another status than the scenario's (200, or 202 for pa
 wrk script, so 3xx and unexpected 2xx count too) plus socket errors. RSS is ``VmRSS`` of each granian
 worker process (the children of ``keel serve``), after the warm-up and at the end of each run. ``--soak S``
 also drives the cached read for S seconds in 10 s slices and reports RSS per slice and its growth over the
-second half. Figures against the issue's targets are printed as PASS/MISS; they are figures, not
+second half. Figures against Keel's performance targets are printed as PASS/MISS; they are figures, not
 assertions: the script exits 0 whatever they are.
 
 The report (Markdown) is printed and written to ``$KEEL_DATA_DIR/bench/load-<UTC time>.md`` (``./var`` by

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from keel.platform.adapters.memory.cache import InMemoryCache
 from keel.platform.adapters.redis.cache import RedisCache
+from keel.platform.adapters.redis.tracked_cache import TrackedRedisCache
 from keel.platform.ports.cache import Cache
 from tests.fakes.clock import ManualClock
 
@@ -36,22 +37,34 @@ class Subject:
             await asyncio.sleep(seconds)
 
 
-@pytest.fixture(params=["memory", "redis"])
-def backend(request: pytest.FixtureRequest) -> str | None:
-    """None for the in-memory adapter, else the URL of a freshly emptied Redis."""
-    return None if request.param == "memory" else str(request.getfixturevalue("redis_url"))
+@pytest.fixture(params=["memory", "redis", "redis+local"])
+def backend(request: pytest.FixtureRequest) -> tuple[str, str | None]:
+    """The adapter's name and, for Redis ones, the URL of a freshly emptied Redis."""
+    return request.param, None if request.param == "memory" else str(request.getfixturevalue("redis_url"))
 
 
 @pytest.fixture
-async def subject(backend: str | None) -> AsyncIterator[Subject]:
-    if backend is None:
+async def subject(backend: tuple[str, str | None]) -> AsyncIterator[Subject]:
+    name, url = backend
+    if url is None:
         clock = ManualClock()
         yield Subject(InMemoryCache(clock), clock)
         return
-    client = Redis.from_url(backend)
+    client = Redis.from_url(url)
+    tracked: TrackedRedisCache | None = None
     try:
-        yield Subject(RedisCache(client), None)
+        if name == "redis+local":
+            # With the in-process tier on and tracking up, every read below may be served locally.
+            tracked = TrackedRedisCache(client, url)
+            tracked.start()
+            async with asyncio.timeout(5):
+                await tracked.tracking.wait_ready()
+            yield Subject(tracked, None)
+        else:
+            yield Subject(RedisCache(client), None)
     finally:
+        if tracked is not None:
+            await tracked.stop()
         await client.aclose()
 
 

@@ -368,7 +368,7 @@ class Stack:
         return list(Queue(LOW, connection=self.connection, serializer=JSONSerializer).job_ids)
 
     def summary_keys(self, tenant_id: str) -> list[bytes]:
-        return list(self.connection.scan_iter(match=f"analytics:summary:*:{tenant_id}:*"))
+        return list(self.connection.scan_iter(match=f"keel:cache:analytics:summary:*:{tenant_id}:*"))
 
 
 @pytest.fixture

@@ -75,6 +75,20 @@ async def warm(instance: Instance, path: str, headers: dict[str, str]) -> httpx.
     assert statements == 0, "a warm read still went to the database: nothing is being cached"
     assert instance.hits > hits
     assert cached.json() == first.json()  # a cached answer is the same as one read from the database
+    local = instance.container.local_cache
+    if local is not None:
+        # With Redis, the in-process tier now holds the entries: the next read must be served from
+        # process memory, so the checks that follow prove that tier is never stale either.
+        async with asyncio.timeout(5):
+            await local.tracking.wait_ready()
+        before = local.local_hits
+        for _ in range(10):  # reads racing an invalidation of their own fill go to Redis
+            again, statements = await instance.get(path, headers)
+            assert statements == 0
+            assert again.json() == first.json()
+            if local.local_hits > before:
+                break
+        assert local.local_hits > before, "the in-process tier served nothing"
     return cached
 
 

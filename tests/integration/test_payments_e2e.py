@@ -171,7 +171,7 @@ async def create(stack: Stack, key: str | None = None, **fields: Any) -> httpx.R
     return await stack.client.post("/v1/payments", json=body, headers=stack.keyed(key))
 
 
-# -- the flow the issue asks for ----------------------------------------------------------------------
+# -- the whole payment flow ----------------------------------------------------------------------
 
 
 async def test_a_card_payment_is_captured_announced_and_receipted_once_then_refunded(stack: Stack) -> None:

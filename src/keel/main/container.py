@@ -64,6 +64,7 @@ from keel.platform.adapters.redis.cache import RedisCache
 from keel.platform.adapters.redis.health import RedisHealthCheck
 from keel.platform.adapters.redis.idempotency import RedisIdempotencyStore
 from keel.platform.adapters.redis.rate_limiter import RedisRateLimiter
+from keel.platform.adapters.redis.tracked_cache import TrackedRedisCache
 from keel.platform.adapters.sql.engine import create_engine, session_factory
 from keel.platform.adapters.sql.health import SqlHealthCheck
 from keel.platform.adapters.sql.outbox import SqlOutboxRelay, outbox_jobs
@@ -104,6 +105,9 @@ class Container:
     payment_provider: PaymentProvider
     redis: Redis | None = None
     redis_sync: redis_sync.Redis | None = None
+    # The in-process tier of the Redis cache: off (every read goes to Redis) until start() turns its
+    # key tracking on, so workers and one-shot commands never hold entries they would not hear about.
+    local_cache: TrackedRedisCache | None = None
     _closed: bool = field(default=False, repr=False)
 
     def trace_jobs(self, provider: TracerProvider) -> None:
@@ -117,6 +121,8 @@ class Container:
         if isinstance(self.jobs, InProcessJobQueue):
             self.jobs.start()
         self.request_counter.start()
+        if self.local_cache is not None:
+            self.local_cache.start()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -132,6 +138,8 @@ class Container:
         if isinstance(self.jobs, InProcessJobQueue):
             await self.jobs.stop()
         await self.webhook_sender.aclose()
+        if self.local_cache is not None:
+            await self.local_cache.stop()
         if isinstance(self.payment_provider, StripePaymentProvider):
             await self.payment_provider.aclose()
         if self.redis is not None:
@@ -200,6 +208,7 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
     checks: list[HealthCheck] = [SqlHealthCheck(engine, "sqlite" if settings.is_embedded_db else "postgres")]
 
     redis: Redis | None = None
+    local_cache: TrackedRedisCache | None = None
     store: Cache
     tally: RequestTally
     limiter: RateLimiter
@@ -212,7 +221,16 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
             health_check_interval=15,
         )
         checks.append(RedisHealthCheck(redis))
-        store = RedisCache(redis)
+        if settings.cache_local_mb > 0:
+            local_cache = TrackedRedisCache(
+                redis,
+                settings.redis_url,
+                max_bytes=settings.cache_local_mb * 1024 * 1024,
+                connect_timeout=settings.health_timeout,
+            )
+            store = local_cache
+        else:
+            store = RedisCache(redis)
         limiter = RedisRateLimiter(redis)
         idempotency = RedisIdempotencyStore(redis)
         tally = RedisRequestTally(redis)
@@ -325,4 +343,5 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         payment_provider=provider,
         redis=redis,
         redis_sync=sync_redis,
+        local_cache=local_cache,
     )

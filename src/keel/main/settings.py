@@ -57,6 +57,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     health_timeout: float = 1.0
     redis_timeout: float = 0.5
     cache_enabled: bool = True
+    cache_local_mb: int = 32
     rate_limit_per_minute: int = 600
     signup_rate_limit_per_hour: int = 20
     jobs_concurrency: int = 4  # in-process job runners (embedded default only)
@@ -195,6 +196,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kwargs["redis_timeout"] = _float("KEEL_REDIS_TIMEOUT", v, 0.01, 30)
     if (v := get("KEEL_CACHE_ENABLED")) is not None:
         kwargs["cache_enabled"] = _bool("KEEL_CACHE_ENABLED", v)
+    if (v := get("KEEL_CACHE_LOCAL_MB")) is not None:
+        kwargs["cache_local_mb"] = _int("KEEL_CACHE_LOCAL_MB", v, 0, 4096)
     if (v := get("KEEL_RATE_LIMIT_PER_MINUTE")) is not None:
         kwargs["rate_limit_per_minute"] = _int("KEEL_RATE_LIMIT_PER_MINUTE", v, 1, 1_000_000)
     if (v := get("KEEL_SIGNUP_RATE_LIMIT_PER_HOUR")) is not None:

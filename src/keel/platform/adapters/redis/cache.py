@@ -37,36 +37,51 @@ def _lease_key(key: str) -> str:
     return key + ":lease"
 
 
-class RedisCache:
-    """Shared by every API process: an invalidation in one is seen by all."""
+NAMESPACE = "keel:cache:"
 
-    def __init__(self, client: Redis) -> None:
+
+class RedisCache:
+    """Shared by every API process: an invalidation in one is seen by all.
+
+    Every key lives under one namespace, so the in-process tier can ask Redis to report changes to
+    cached keys only, not to rate-limit counters or idempotency records.
+    """
+
+    def __init__(self, client: Redis, namespace: str = NAMESPACE) -> None:
         self._r = client
+        self._ns = namespace
         self._fill = client.register_script(_FILL)
         self._release = client.register_script(_RELEASE)
         self._lease = client.register_script(_LEASE)
 
     async def get(self, key: str) -> bytes | None:
-        value = await self._r.get(key)
+        value = await self._r.get(self._ns + key)
         if value is None:
             return None
         return value if isinstance(value, bytes) else value.encode()
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        await self._r.set(key, value, px=max(1, int(ttl * 1000)))
+        await self._r.set(self._ns + key, value, px=_ms(ttl))
 
     async def delete(self, *keys: str) -> None:
         if keys:
-            await self._r.delete(*keys, *(_lease_key(k) for k in keys))
+            names = [self._ns + k for k in keys]
+            await self._r.delete(*names, *(_lease_key(n) for n in names))
 
     async def lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(8)
-        ok = await self._lease(keys=[key, _lease_key(key)], args=[token, max(1, int(ttl * 1000))])
+        name = self._ns + key
+        ok = await self._lease(keys=[name, _lease_key(name)], args=[token, _ms(ttl)])
         return token if ok else None
 
     async def fill(self, key: str, value: bytes, ttl: float, token: str) -> bool:
-        result = await self._fill(keys=[key, _lease_key(key)], args=[token, value, max(1, int(ttl * 1000))])
+        name = self._ns + key
+        result = await self._fill(keys=[name, _lease_key(name)], args=[token, value, _ms(ttl)])
         return bool(result)
 
     async def release(self, key: str, token: str) -> None:
-        await self._release(keys=[_lease_key(key)], args=[token])
+        await self._release(keys=[_lease_key(self._ns + key)], args=[token])
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
