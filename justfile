@@ -24,12 +24,15 @@ migrate *ARGS: _sync
 test *ARGS: lint
     uv run --no-sync pytest --numprocesses auto --maxprocesses 4 {{ARGS}}
 
-# ruff (lint + format check), mypy (strict), import-linter contracts
+# ruff (lint + format check), mypy (strict), import-linter contracts, hadolint, yamllint, compose.yaml schema
 lint: _sync
     uv run --no-sync ruff check src tests migrations
     uv run --no-sync ruff format --check src tests migrations
     uv run --no-sync mypy
     uv run --no-sync lint-imports
+    uv run --no-sync hadolint docker/Dockerfile
+    uv run --no-sync yamllint --strict -c docker/yamllint.yaml docker
+    uv run --no-sync check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
 
 # Format and auto-fix
 fmt: _sync
@@ -57,3 +60,7 @@ bench-one NAME *ARGS: _sync _wrk
 # The load generator (Debian's wrk) when it is missing
 _wrk:
     @command -v wrk >/dev/null || { if [ "$(id -u)" = 0 ]; then apt-get install -y -qq wrk; else sudo apt-get install -y -qq wrk; fi; }
+
+# Production topology on this machine (throwaway Postgres and Redis, keel migrate, 2 APIs, 2 forking workers, cron) proving stale reads, shared rate limits, job spread, a killed worker and health; then runs until Ctrl-C (--check: proofs only; --seconds N)
+cluster *ARGS: _sync
+    uv run --no-sync python -m tests.cluster {{ARGS}}
