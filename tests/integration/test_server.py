@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,11 +22,18 @@ KEEL = str(Path(sys.executable).parent / "keel")
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    with serve(tmp_path) as running:
+        yield running
+
+
+@contextmanager
+def serve(tmp_path: Path, **settings: str) -> Iterator[tuple[str, Path]]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_", "OTEL_"))} | {
         "KEEL_DATA_DIR": str(tmp_path / "data"),
         "KEEL_PORT": str(port),
         "KEEL_LOG_JSON": "true",
+        **settings,
     }
     log = tmp_path / "server.log"
     with log.open("wb") as out:
@@ -82,3 +90,23 @@ def test_embedded_default_serves_signup_create_read(server: tuple[str, Path], tm
     assert served
     assert served[0]["msg"] == "request served"
     assert token not in log.read_text()
+
+
+def _signup(http: httpx.Client, n: int, forwarded_for: str) -> int:
+    body = {"organization": f"Org {n}", "owner_email": f"o{n}@org.test", "owner_name": "O"}
+    return http.post("/v1/signup", json=body, headers={"X-Forwarded-For": forwarded_for}).status_code
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_the_client_address_comes_from_x_forwarded_for_only_behind_a_trusted_proxy(
+    tmp_path: Path, trusted: bool
+) -> None:
+    settings = {"KEEL_SIGNUP_RATE_LIMIT_PER_HOUR": "1"}
+    if trusted:
+        settings["KEEL_TRUSTED_PROXIES"] = "127.0.0.1/32, ::1"
+    with serve(tmp_path, **settings) as (base, _), httpx.Client(base_url=base, timeout=10) as http:
+        # Two clients behind the balancer, one signup each: distinct limits only when the proxy is trusted.
+        assert _signup(http, 1, "203.0.113.7") == 201
+        assert _signup(http, 2, "198.51.100.9") == (201 if trusted else 429)
+        # A client cannot escape its limit by prepending a forged address: the nearest untrusted hop counts.
+        assert _signup(http, 3, "192.0.2.1, 203.0.113.7") == 429

@@ -249,7 +249,20 @@ INVALID = [
     ("KEEL_MEDIA_MAX_PIXELS", "4000x4000"),
     ("KEEL_MEDIA_MAX_PIXELS", "1.5"),
     ("KEEL_MEDIA_MAX_PIXELS", "lots"),
+    ("KEEL_CACHE_LOCAL_MB", "-1"),
+    ("KEEL_CACHE_LOCAL_MB", "32MB"),
+    ("KEEL_CACHE_LOCAL_MB", "4097"),
+    ("KEEL_TRUSTED_PROXIES", "proxy.internal"),
+    ("KEEL_TRUSTED_PROXIES", "10.0.0.0/33"),
+    ("KEEL_TRUSTED_PROXIES", "127.0.0.1,*"),
 ]
+
+
+def test_trusted_proxies_and_the_local_cache_size_are_read() -> None:
+    settings = load_settings({"KEEL_TRUSTED_PROXIES": " 10.0.0.0/8, 127.0.0.1 ,fd00::/8,", "KEEL_CACHE_LOCAL_MB": "0"})
+    assert settings.trusted_proxies == ("10.0.0.0/8", "127.0.0.1", "fd00::/8")
+    assert settings.cache_local_mb == 0
+    assert load_settings({}).trusted_proxies == ()
 
 
 @pytest.mark.parametrize(("name", "value"), INVALID)

@@ -7,6 +7,7 @@ from importlib.metadata import version
 from typing import Any
 
 import msgspec
+from granian.utils.proxies import wrap_asgi_with_proxy_headers
 from litestar import Litestar, MediaType, Request, Response, Router, get
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -199,6 +200,13 @@ def create_app(
             "principal": Provide(provide_principal, sync_to_thread=False),
         },
         middleware=[
+            # Behind a load balancer the connection's address is the balancer's: take the client's from
+            # X-Forwarded-For, but only when the peer is a proxy the operator trusts.
+            *(
+                [DefineMiddleware(wrap_asgi_with_proxy_headers, trusted_hosts=list(settings.trusted_proxies))]
+                if settings.trusted_proxies
+                else []
+            ),
             RequestContextMiddleware,
             DefineMiddleware(ApiKeyAuthMiddleware, authenticator=container.accounts, exclude=PUBLIC_PATHS),
             DefineMiddleware(RequestCountingMiddleware, counter=container.request_counter),

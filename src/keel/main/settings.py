@@ -5,6 +5,7 @@ A bad value stops the process with one line naming the variable; no traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from collections.abc import Mapping
@@ -60,6 +61,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cache_local_mb: int = 32
     rate_limit_per_minute: int = 600
     signup_rate_limit_per_hour: int = 20
+    trusted_proxies: tuple[str, ...] = ()
     jobs_concurrency: int = 4  # in-process job runners (embedded default only)
     smtp_url: str | None = None  # unset: emails are written as .eml files under the data directory
     mail_from: str = "Keel <no-reply@keel.localhost>"
@@ -124,6 +126,16 @@ def _schedule(name: str, raw: str) -> tuple[float, ...]:
     if not 1 <= len(parts) <= 20:
         raise SettingsError(f"{name}: expected 1 to 20 comma-separated delays in seconds, got {raw!r}")
     return tuple(_float(name, p, 0.01, 7 * 24 * 3600) for p in parts)
+
+
+def _networks(name: str, raw: str) -> tuple[str, ...]:
+    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    for part in parts:
+        try:
+            ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            raise SettingsError(f"{name}: expected addresses or networks (CIDR), got {part!r}") from None
+    return tuple(parts)
 
 
 _DB_SCHEMES = ("sqlite+aiosqlite://", "postgresql+asyncpg://")
@@ -202,6 +214,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kwargs["rate_limit_per_minute"] = _int("KEEL_RATE_LIMIT_PER_MINUTE", v, 1, 1_000_000)
     if (v := get("KEEL_SIGNUP_RATE_LIMIT_PER_HOUR")) is not None:
         kwargs["signup_rate_limit_per_hour"] = _int("KEEL_SIGNUP_RATE_LIMIT_PER_HOUR", v, 1, 1_000_000)
+    if (v := get("KEEL_TRUSTED_PROXIES")) is not None:
+        kwargs["trusted_proxies"] = _networks("KEEL_TRUSTED_PROXIES", v)
     if (v := get("KEEL_JOBS_CONCURRENCY")) is not None:
         kwargs["jobs_concurrency"] = _int("KEEL_JOBS_CONCURRENCY", v, 1, 256)
     if (v := get("KEEL_SMTP_URL")) is not None:
