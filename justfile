@@ -61,6 +61,6 @@ bench-one NAME *ARGS: _sync _wrk
 _wrk:
     @command -v wrk >/dev/null || { if [ "$(id -u)" = 0 ]; then apt-get install -y -qq wrk; else sudo apt-get install -y -qq wrk; fi; }
 
-# Production topology on this machine (throwaway Postgres and Redis, keel migrate, 2 APIs, 2 forking workers, cron) proving stale reads, shared rate limits, job spread, a killed worker and health; then runs until Ctrl-C (--check: proofs only; --seconds N)
+# Production topology on this machine (throwaway Postgres and Redis, keel migrate, 2 APIs, 2 forking workers, cron) proving no stale reads, shared rate limits, job spread, a killed worker and health; then runs until Ctrl-C (--check: proofs only; --seconds N)
 cluster *ARGS: _sync
     uv run --no-sync python -m tests.cluster {{ARGS}}
