@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keel.main.settings import Settings
@@ -20,8 +22,31 @@ def build_tracer_provider(settings: Settings) -> TracerProvider | None:
 
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: settings.service_name}))
     # The exporter reads the standard OTEL_EXPORTER_OTLP_* variables (endpoint, headers, timeout).
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(WithoutOrphanClientSpans(BatchSpanProcessor(OTLPSpanExporter())))
     return provider
+
+
+class WithoutOrphanClientSpans(SpanProcessor):
+    """Drops client spans that belong to no trace: a worker polling its queues and beating its heart
+    through Redis, a pool ping. Hundreds of one-span traces a minute per worker that bury the
+    requests' and jobs' traces; every client call made on behalf of a request or a job has a parent."""
+
+    def __init__(self, inner: SpanProcessor) -> None:
+        self._inner = inner
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self._inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.parent is None and span.kind is SpanKind.CLIENT:
+            return
+        self._inner.on_end(span)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
 
 
 def instrument(provider: TracerProvider, engine: AsyncEngine) -> None:

@@ -257,6 +257,16 @@ class _Heartbeats:
 class KeelWorker(_Heartbeats, Worker):
     """Forks a work horse per job: a crash or leak in one job cannot take the worker down."""
 
+    def perform_job(self, *args: Any, **kwargs: Any) -> bool:
+        try:
+            return bool(super().perform_job(*args, **kwargs))
+        finally:
+            # The work horse ends with os._exit(), which skips the batch span processor's shutdown:
+            # without this, the job's own spans (always the last to end) would never be exported.
+            flush = getattr(_runtime.tracer_provider if _runtime else None, "force_flush", None)
+            if flush is not None:
+                flush(2000)
+
 
 class KeelSimpleWorker(_Heartbeats, SimpleWorker):
     """Runs jobs in the worker process itself: no fork per job, one warm runtime (higher throughput)."""
