@@ -8,17 +8,20 @@ executing that command: before the writer gets its reply.
 Hand-written on an ``asyncio.Protocol`` rather than redis-py's ``PubSub``: redis-py's asyncio client
 has no client-side caching, and a PubSub reader is a task that runs whenever the event loop gets to
 it, whereas a protocol's ``data_received`` runs as soon as the loop sees the bytes. ``pending()``
-closes the rest of the gap: it peeks at the socket, so a caller can tell whether an invalidation has
-arrived that the loop has not delivered yet.
+closes the rest of the gap: it asks the kernel how many bytes wait unread on the socket, so a caller
+can tell whether an invalidation has arrived that the loop has not delivered yet.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import os
 import socket
 import ssl
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -85,15 +88,16 @@ class _TrackingProtocol(asyncio.Protocol):
         self._subscribed = False
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
-        self._peek: socket.socket | None = None
+        self._probe: socket.socket | None = None
+        self._unread = array.array("i", [0])
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         raw = transport.get_extra_info("socket")
         if raw is not None:
-            # A duplicate of the descriptor, used only to peek: asyncio's transport socket refuses recv.
-            self._peek = socket.socket(fileno=os.dup(raw.fileno()))
+            # A duplicate of the descriptor, used only to ask how many bytes wait unread.
+            self._probe = socket.socket(fileno=os.dup(raw.fileno()))
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -139,24 +143,22 @@ class _TrackingProtocol(asyncio.Protocol):
         """True when bytes have reached this process that the loop has not delivered yet."""
         if self._buffer:
             return True
-        if self._peek is None:
+        if self._probe is None:
             return False
         try:
-            self._peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
+            fcntl.ioctl(self._probe.fileno(), termios.FIONREAD, self._unread)  # a quarter of a recv's cost
         except OSError:
             return True
-        return True  # data, or the end of the stream: either way not yet handled
+        return self._unread[0] > 0
 
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._peek is not None:
-            self._peek.close()
-            self._peek = None
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
         if not self.closed.done():
             self.closed.set_result(exc)
 
