@@ -44,7 +44,6 @@ from keel.main.request import KeelRequest
 from keel.main.request_context import RequestContextMiddleware, echo_request_id
 from keel.main.settings import Settings, settings_or_exit
 from keel.main.telemetry import build_tracer_provider, instrument
-from keel.platform.adapters.http.auth import provide_principal
 from keel.platform.adapters.http.jobs import JobController
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -197,7 +196,6 @@ def create_app(
             "analytics": Provide(lambda: container.analytics, sync_to_thread=False),
             "jobs": Provide(lambda: container.jobs, sync_to_thread=False),
             "health": Provide(lambda: container.health, sync_to_thread=False),
-            "principal": Provide(provide_principal, sync_to_thread=False),
         },
         middleware=[
             # Behind a load balancer the connection's address is the balancer's: take the client's from

@@ -12,6 +12,8 @@ BEARER_SCHEME = "BearerAuth"
 BEARER_AUTH: list[dict[str, list[str]]] = [{BEARER_SCHEME: []}]
 
 
-def provide_principal(request: Request[Principal, Any, Any]) -> Principal:
-    """The authenticated caller; the auth middleware guarantees it on every non-public route."""
-    return request.user
+# The request of an authenticated route: its ``user`` is the caller, which the auth middleware
+# guarantees on every non-public route. Handlers take it instead of a ``principal`` dependency
+# because Litestar resolves two dependencies of one handler concurrently, in an anyio task group per
+# request: 30-60 us, a fifth of a cached read.
+Authenticated = Request[Principal, Any, Any]

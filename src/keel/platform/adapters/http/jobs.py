@@ -12,11 +12,10 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.status_codes import HTTP_202_ACCEPTED
 
-from keel.platform.adapters.http.auth import BEARER_AUTH
+from keel.platform.adapters.http.auth import BEARER_AUTH, Authenticated
 from keel.platform.adapters.http.problems import problem_responses
 from keel.platform.domain.errors import NotFound
 from keel.platform.domain.jobs import JobInfo, JobStatus
-from keel.platform.domain.tenancy import Principal
 from keel.platform.ports.jobs import JobQueue
 
 B = TypeVar("B")
@@ -85,9 +84,9 @@ class JobController(Controller):
         responses=problem_responses(401, 404, 429, 503),
     )
     async def get_job(
-        self, job_id: FromPath[uuid.UUID], jobs: NamedDependency[JobQueue], principal: NamedDependency[Principal]
+        self, job_id: FromPath[uuid.UUID], jobs: NamedDependency[JobQueue], request: Authenticated
     ) -> JobOut:
         job = await jobs.get(str(job_id))
-        if job is None or job.tenant_id != principal.tenant_id:
+        if job is None or job.tenant_id != request.user.tenant_id:
             raise NotFound("No such job.")
         return JobOut.of(job)

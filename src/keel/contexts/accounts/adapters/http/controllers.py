@@ -26,14 +26,12 @@ from keel.contexts.accounts.adapters.http.schemas import (
 from keel.contexts.accounts.domain.commands import ChangeTenantConfig, ChangeUser, CreateUser, Signup
 from keel.contexts.accounts.domain.model import IssuedApiKey
 from keel.contexts.accounts.domain.services import AccountsService
-from keel.platform.adapters.http.auth import BEARER_AUTH
+from keel.platform.adapters.http.auth import BEARER_AUTH, Authenticated
 from keel.platform.adapters.http.paging import CursorParam, LimitParam, encode_cursor, page_request
 from keel.platform.adapters.http.problems import problem_responses
 from keel.platform.adapters.http.schemas import to_command
-from keel.platform.domain.tenancy import Principal
 
 Accounts = NamedDependency[AccountsService]
-Caller = NamedDependency[Principal]
 
 _AUTH = (400, 401, 415, 422, 429)
 
@@ -71,12 +69,14 @@ class TenantController(Controller):
     security = BEARER_AUTH
 
     @get("/", summary="The calling tenant", responses=problem_responses(401, 429))
-    async def get_tenant(self, accounts: Accounts, principal: Caller) -> TenantOut:
-        return TenantOut.of(await accounts.get_tenant(principal))
+    async def get_tenant(self, accounts: Accounts, request: Authenticated) -> TenantOut:
+        return TenantOut.of(await accounts.get_tenant(request.user))
 
     @patch("/config", summary="Change tenant configuration", responses=problem_responses(*_AUTH, 413))
-    async def patch_config(self, data: JSONBody[TenantConfigPatch], accounts: Accounts, principal: Caller) -> TenantOut:
-        return TenantOut.of(await accounts.change_tenant_config(principal, to_command(data, ChangeTenantConfig)))
+    async def patch_config(
+        self, data: JSONBody[TenantConfigPatch], accounts: Accounts, request: Authenticated
+    ) -> TenantOut:
+        return TenantOut.of(await accounts.change_tenant_config(request.user, to_command(data, ChangeTenantConfig)))
 
 
 class ApiKeyController(Controller):
@@ -86,9 +86,9 @@ class ApiKeyController(Controller):
 
     @get("/", summary="List API keys", responses=problem_responses(*_AUTH))
     async def list_keys(
-        self, accounts: Accounts, principal: Caller, limit: LimitParam = 50, cursor: CursorParam = None
+        self, accounts: Accounts, request: Authenticated, limit: LimitParam = 50, cursor: CursorParam = None
     ) -> ApiKeyList:
-        page = await accounts.list_api_keys(principal, page_request(limit, cursor))
+        page = await accounts.list_api_keys(request.user, page_request(limit, cursor))
         return ApiKeyList(items=[ApiKeyOut.of(k) for k in page.items], next_cursor=encode_cursor(page.next_after))
 
     @post(
@@ -98,8 +98,8 @@ class ApiKeyController(Controller):
         description="The `token` is shown in this response only.",
         responses=problem_responses(*_AUTH, 413),
     )
-    async def create_key(self, data: JSONBody[ApiKeyIn], accounts: Accounts, principal: Caller) -> IssuedApiKeyOut:
-        return _issued(await accounts.create_api_key(principal, data.name))
+    async def create_key(self, data: JSONBody[ApiKeyIn], accounts: Accounts, request: Authenticated) -> IssuedApiKeyOut:
+        return _issued(await accounts.create_api_key(request.user, data.name))
 
     @delete(
         "/{key_id:uuid}",
@@ -107,8 +107,8 @@ class ApiKeyController(Controller):
         summary="Revoke an API key (effective immediately)",
         responses=problem_responses(*_AUTH, 404),
     )
-    async def revoke_key(self, key_id: FromPath[uuid.UUID], accounts: Accounts, principal: Caller) -> None:
-        await accounts.revoke_api_key(principal, key_id)
+    async def revoke_key(self, key_id: FromPath[uuid.UUID], accounts: Accounts, request: Authenticated) -> None:
+        await accounts.revoke_api_key(request.user, key_id)
 
 
 class UserController(Controller):
@@ -118,25 +118,27 @@ class UserController(Controller):
 
     @get("/", summary="List users", responses=problem_responses(*_AUTH))
     async def list_users(
-        self, accounts: Accounts, principal: Caller, limit: LimitParam = 50, cursor: CursorParam = None
+        self, accounts: Accounts, request: Authenticated, limit: LimitParam = 50, cursor: CursorParam = None
     ) -> UserList:
-        page = await accounts.list_users(principal, page_request(limit, cursor))
+        page = await accounts.list_users(request.user, page_request(limit, cursor))
         return UserList(items=[UserOut.of(u) for u in page.items], next_cursor=encode_cursor(page.next_after))
 
     @post("/", status_code=HTTP_201_CREATED, summary="Create a user", responses=problem_responses(*_AUTH, 409, 413))
-    async def create_user(self, data: JSONBody[UserIn], accounts: Accounts, principal: Caller) -> Response[UserOut]:
-        user = await accounts.create_user(principal, to_command(data, CreateUser))
+    async def create_user(
+        self, data: JSONBody[UserIn], accounts: Accounts, request: Authenticated
+    ) -> Response[UserOut]:
+        user = await accounts.create_user(request.user, to_command(data, CreateUser))
         return Response(UserOut.of(user), status_code=HTTP_201_CREATED, headers={"Location": f"/v1/users/{user.id}"})
 
     @get("/{user_id:uuid}", summary="Read a user profile", responses=problem_responses(*_AUTH, 404))
-    async def get_user(self, user_id: FromPath[uuid.UUID], accounts: Accounts, principal: Caller) -> UserOut:
-        return UserOut.of(await accounts.get_user(principal, user_id))
+    async def get_user(self, user_id: FromPath[uuid.UUID], accounts: Accounts, request: Authenticated) -> UserOut:
+        return UserOut.of(await accounts.get_user(request.user, user_id))
 
     @patch("/{user_id:uuid}", summary="Change a user profile", responses=problem_responses(*_AUTH, 404, 409, 413))
     async def patch_user(
-        self, user_id: FromPath[uuid.UUID], data: JSONBody[UserPatch], accounts: Accounts, principal: Caller
+        self, user_id: FromPath[uuid.UUID], data: JSONBody[UserPatch], accounts: Accounts, request: Authenticated
     ) -> UserOut:
-        return UserOut.of(await accounts.change_user(principal, user_id, to_command(data, ChangeUser)))
+        return UserOut.of(await accounts.change_user(request.user, user_id, to_command(data, ChangeUser)))
 
     @delete(
         "/{user_id:uuid}",
@@ -144,8 +146,8 @@ class UserController(Controller):
         summary="Delete a user",
         responses=problem_responses(*_AUTH, 404, 409),
     )
-    async def delete_user(self, user_id: FromPath[uuid.UUID], accounts: Accounts, principal: Caller) -> None:
-        await accounts.delete_user(principal, user_id)
+    async def delete_user(self, user_id: FromPath[uuid.UUID], accounts: Accounts, request: Authenticated) -> None:
+        await accounts.delete_user(request.user, user_id)
 
 
 ROUTES = [SignupController, TenantController, ApiKeyController, UserController]

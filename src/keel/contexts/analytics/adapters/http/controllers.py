@@ -12,14 +12,12 @@ from litestar.params import JSONBody, QueryParameter
 from keel.contexts.analytics.adapters.http.schemas import RollupAccepted, RollupIn, SummaryOut
 from keel.contexts.analytics.domain.model import DEFAULT_SUMMARY_DAYS, MAX_ROLLUP_DAYS, MAX_SUMMARY_DAYS
 from keel.contexts.analytics.domain.services import AnalyticsService
-from keel.platform.adapters.http.auth import BEARER_AUTH
+from keel.platform.adapters.http.auth import BEARER_AUTH, Authenticated
 from keel.platform.adapters.http.jobs import accepted_as, job_status_url
 from keel.platform.adapters.http.problems import problem_responses
 from keel.platform.adapters.http.schemas import whole
-from keel.platform.domain.tenancy import Principal
 
 Analytics = NamedDependency[AnalyticsService]
-Caller = NamedDependency[Principal]
 _AUTH = (400, 401, 422, 429)
 
 From = Annotated[
@@ -55,9 +53,14 @@ class AnalyticsController(Controller):
         responses=problem_responses(*_AUTH),
     )
     async def summary(
-        self, analytics: Analytics, principal: Caller, start: From = None, end: To = None, currency: Currency = None
+        self,
+        analytics: Analytics,
+        request: Authenticated,
+        start: From = None,
+        end: To = None,
+        currency: Currency = None,
     ) -> SummaryOut:
-        return SummaryOut.of(await analytics.summary(principal, start, end, currency))
+        return SummaryOut.of(await analytics.summary(request.user, start, end, currency))
 
     @post(
         "/rollups",
@@ -71,9 +74,9 @@ class AnalyticsController(Controller):
         responses=problem_responses(*_AUTH, 413, 415, 503),
     )
     async def request_rollup(
-        self, data: JSONBody[RollupIn], analytics: Analytics, principal: Caller
+        self, data: JSONBody[RollupIn], analytics: Analytics, request: Authenticated
     ) -> Response[RollupAccepted]:
-        job_id = await analytics.request_rollup(principal, data.start, data.end)
+        job_id = await analytics.request_rollup(request.user, data.start, data.end)
         body = RollupAccepted(job_id=job_id, status_url=job_status_url(job_id), start=data.start, end=data.end)
         return accepted_as(body, job_id)
 

@@ -5,26 +5,24 @@ anything is stored or queued."""
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from litestar import Controller, Request, Response, get, put
+from litestar import Controller, Response, get, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, Parameter
 from litestar.status_codes import HTTP_304_NOT_MODIFIED
 
 from keel.contexts.media.domain.model import ACCEPTED_TYPES, DEFAULT_SIZE, MAX_UPLOAD_BYTES
 from keel.contexts.media.domain.services import MediaService
-from keel.platform.adapters.http.auth import BEARER_AUTH
+from keel.platform.adapters.http.auth import BEARER_AUTH, Authenticated
 from keel.platform.adapters.http.jobs import JobAccepted, accepted
 from keel.platform.adapters.http.problems import problem_responses, problem_type
-from keel.platform.domain.tenancy import Principal
 
 problem_type(
     "invalid-image", 422, "The body is not a readable PNG, JPEG or WebP image, or it decodes to too many pixels."
 )
 
 Media = NamedDependency[MediaService]
-Caller = NamedDependency[Principal]
 Size = Annotated[Literal[64, 256], Parameter(description="Edge of the square variant, in pixels.")]
 # Clients revalidate with If-None-Match each time (a cheap 304): a new avatar shows at once.
 _CACHE_CONTROL = "private, no-cache"
@@ -52,13 +50,12 @@ class AvatarController(Controller):
     async def upload_avatar(
         self,
         user_id: FromPath[uuid.UUID],
-        request: Request[Any, Any, Any],
+        request: Authenticated,
         media: Media,
-        principal: Caller,
     ) -> Response[JobAccepted]:
         data = await request.body()  # the size limit above applies while reading
         content_type = request.content_type[0].lower()
-        return accepted(await media.upload_avatar(principal, user_id, data, content_type))
+        return accepted(await media.upload_avatar(request.user, user_id, data, content_type))
 
     @get(
         "/",
@@ -70,12 +67,11 @@ class AvatarController(Controller):
     async def get_avatar(
         self,
         user_id: FromPath[uuid.UUID],
-        request: Request[Any, Any, Any],
+        request: Authenticated,
         media: Media,
-        principal: Caller,
         size: Size = DEFAULT_SIZE,  # type: ignore[assignment]
     ) -> Response[bytes]:
-        image = await media.avatar_image(principal, user_id, size)
+        image = await media.avatar_image(request.user, user_id, size)
         etag = f'"{image.etag}"'
         headers = {"ETag": etag, "Cache-Control": _CACHE_CONTROL}
         # RFC 9110 13.1.2: weak comparison, and "*" matches any current representation.

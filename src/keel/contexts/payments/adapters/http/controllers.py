@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
@@ -25,13 +25,12 @@ from keel.contexts.payments.domain.commands import CreatePayment, CreateRefund
 from keel.contexts.payments.domain.model import PaymentStatus
 from keel.contexts.payments.domain.services import PaymentsService
 from keel.contexts.payments.ports.repositories import PaymentFilter
-from keel.platform.adapters.http.auth import BEARER_AUTH
+from keel.platform.adapters.http.auth import BEARER_AUTH, Authenticated
 from keel.platform.adapters.http.idempotency import IdempotencyKeyHeader
 from keel.platform.adapters.http.jobs import accepted_as, job_status_url
 from keel.platform.adapters.http.paging import CursorParam, LimitParam, encode_cursor, page_request
 from keel.platform.adapters.http.problems import problem_responses, problem_type
 from keel.platform.adapters.http.schemas import require_json_integers, to_command
-from keel.platform.domain.tenancy import Principal
 
 problem_type(
     "payment-state-conflict",
@@ -45,7 +44,6 @@ problem_type(
 )
 
 Payments = NamedDependency[PaymentsService]
-Caller = NamedDependency[Principal]
 _AUTH = (400, 401, 415, 422, 429)
 Created = Annotated[
     datetime | None,
@@ -80,14 +78,13 @@ class PaymentController(Controller):
     )
     async def create_payment(
         self,
-        request: Request[Any, Any, Any],
+        request: Authenticated,
         data: JSONBody[PaymentIn],
         payments: Payments,
-        principal: Caller,
         idempotency_key: IdempotencyKeyHeader,
     ) -> Response[PaymentAccepted]:
         await require_json_integers(request, "amount")
-        done = await payments.create_payment(principal, to_command(data, CreatePayment))
+        done = await payments.create_payment(request.user, to_command(data, CreatePayment))
         body = PaymentAccepted(
             payment=PaymentOut.of(done.value), job_id=done.job_id, status_url=job_status_url(done.job_id)
         )
@@ -97,7 +94,7 @@ class PaymentController(Controller):
     async def list_payments(
         self,
         payments: Payments,
-        principal: Caller,
+        request: Authenticated,
         status: FromQuery[PaymentStatus | None] = None,
         created_from: Created = None,
         created_to: Created = None,
@@ -109,12 +106,14 @@ class PaymentController(Controller):
             created_from=_aware("created_from", created_from),
             created_to=_aware("created_to", created_to),
         )
-        page = await payments.list_payments(principal, where, page_request(limit, cursor))
+        page = await payments.list_payments(request.user, where, page_request(limit, cursor))
         return PaymentList(items=[PaymentOut.of(p) for p in page.items], next_cursor=encode_cursor(page.next_after))
 
     @get("/{payment_id:uuid}", summary="Read a payment", responses=problem_responses(*_AUTH, 404))
-    async def get_payment(self, payment_id: FromPath[uuid.UUID], payments: Payments, principal: Caller) -> PaymentOut:
-        return PaymentOut.of(await payments.get_payment(principal, payment_id))
+    async def get_payment(
+        self, payment_id: FromPath[uuid.UUID], payments: Payments, request: Authenticated
+    ) -> PaymentOut:
+        return PaymentOut.of(await payments.get_payment(request.user, payment_id))
 
     @post(
         "/{payment_id:uuid}/refunds",
@@ -132,15 +131,14 @@ class PaymentController(Controller):
         self,
         payment_id: FromPath[uuid.UUID],
         payments: Payments,
-        principal: Caller,
         idempotency_key: IdempotencyKeyHeader,
-        request: Request[Any, Any, Any],
+        request: Authenticated,
         data: JSONBody[RefundIn | None] = None,
     ) -> Response[RefundAccepted]:
         if data is not None:
             await require_json_integers(request, "amount")
         cmd = to_command(data, CreateRefund) if data is not None else CreateRefund()
-        done = await payments.request_refund(principal, payment_id, cmd)
+        done = await payments.request_refund(request.user, payment_id, cmd)
         body = RefundAccepted(
             refund=RefundOut.of(done.value), job_id=done.job_id, status_url=job_status_url(done.job_id)
         )
@@ -155,20 +153,24 @@ class PaymentController(Controller):
         self,
         payment_id: FromPath[uuid.UUID],
         payments: Payments,
-        principal: Caller,
+        request: Authenticated,
         limit: LimitParam = 50,
         cursor: CursorParam = None,
     ) -> RefundList:
-        page = await payments.list_refunds(principal, payment_id, page_request(limit, cursor))
+        page = await payments.list_refunds(request.user, payment_id, page_request(limit, cursor))
         return RefundList(items=[RefundOut.of(r) for r in page.items], next_cursor=encode_cursor(page.next_after))
 
     @get(
         "/{payment_id:uuid}/refunds/{refund_id:uuid}", summary="Read a refund", responses=problem_responses(*_AUTH, 404)
     )
     async def get_refund(
-        self, payment_id: FromPath[uuid.UUID], refund_id: FromPath[uuid.UUID], payments: Payments, principal: Caller
+        self,
+        payment_id: FromPath[uuid.UUID],
+        refund_id: FromPath[uuid.UUID],
+        payments: Payments,
+        request: Authenticated,
     ) -> RefundOut:
-        return RefundOut.of(await payments.get_refund(principal, payment_id, refund_id))
+        return RefundOut.of(await payments.get_refund(request.user, payment_id, refund_id))
 
 
 ROUTES = [PaymentController]

@@ -22,15 +22,13 @@ from keel.contexts.webhooks.adapters.http.schemas import (
 )
 from keel.contexts.webhooks.domain.commands import ChangeEndpoint, CreateEndpoint
 from keel.contexts.webhooks.domain.services import WebhooksService
-from keel.platform.adapters.http.auth import BEARER_AUTH
+from keel.platform.adapters.http.auth import BEARER_AUTH, Authenticated
 from keel.platform.adapters.http.jobs import JobAccepted, accepted
 from keel.platform.adapters.http.paging import CursorParam, LimitParam, encode_cursor, page_request
 from keel.platform.adapters.http.problems import problem_responses
 from keel.platform.adapters.http.schemas import to_command
-from keel.platform.domain.tenancy import Principal
 
 Webhooks = NamedDependency[WebhooksService]
-Caller = NamedDependency[Principal]
 _AUTH = (400, 401, 415, 422, 429)
 
 
@@ -47,9 +45,9 @@ class EndpointController(Controller):
         responses=problem_responses(*_AUTH, 413),
     )
     async def create_endpoint(
-        self, data: JSONBody[EndpointIn], webhooks: Webhooks, principal: Caller
+        self, data: JSONBody[EndpointIn], webhooks: Webhooks, request: Authenticated
     ) -> Response[EndpointCreatedOut]:
-        endpoint = await webhooks.create_endpoint(principal, to_command(data, CreateEndpoint))
+        endpoint = await webhooks.create_endpoint(request.user, to_command(data, CreateEndpoint))
         return Response(
             EndpointCreatedOut.created(endpoint),
             status_code=HTTP_201_CREATED,
@@ -58,16 +56,16 @@ class EndpointController(Controller):
 
     @get("/", summary="List webhook endpoints", responses=problem_responses(*_AUTH))
     async def list_endpoints(
-        self, webhooks: Webhooks, principal: Caller, limit: LimitParam = 50, cursor: CursorParam = None
+        self, webhooks: Webhooks, request: Authenticated, limit: LimitParam = 50, cursor: CursorParam = None
     ) -> EndpointList:
-        page = await webhooks.list_endpoints(principal, page_request(limit, cursor))
+        page = await webhooks.list_endpoints(request.user, page_request(limit, cursor))
         return EndpointList(items=[EndpointOut.of(e) for e in page.items], next_cursor=encode_cursor(page.next_after))
 
     @get("/{endpoint_id:uuid}", summary="Read a webhook endpoint", responses=problem_responses(*_AUTH, 404))
     async def get_endpoint(
-        self, endpoint_id: FromPath[uuid.UUID], webhooks: Webhooks, principal: Caller
+        self, endpoint_id: FromPath[uuid.UUID], webhooks: Webhooks, request: Authenticated
     ) -> EndpointOut:
-        return EndpointOut.of(await webhooks.get_endpoint(principal, endpoint_id))
+        return EndpointOut.of(await webhooks.get_endpoint(request.user, endpoint_id))
 
     @patch(
         "/{endpoint_id:uuid}",
@@ -76,9 +74,15 @@ class EndpointController(Controller):
         responses=problem_responses(*_AUTH, 404, 413),
     )
     async def patch_endpoint(
-        self, endpoint_id: FromPath[uuid.UUID], data: JSONBody[EndpointPatch], webhooks: Webhooks, principal: Caller
+        self,
+        endpoint_id: FromPath[uuid.UUID],
+        data: JSONBody[EndpointPatch],
+        webhooks: Webhooks,
+        request: Authenticated,
     ) -> EndpointOut:
-        return EndpointOut.of(await webhooks.change_endpoint(principal, endpoint_id, to_command(data, ChangeEndpoint)))
+        return EndpointOut.of(
+            await webhooks.change_endpoint(request.user, endpoint_id, to_command(data, ChangeEndpoint))
+        )
 
     @delete(
         "/{endpoint_id:uuid}",
@@ -86,8 +90,10 @@ class EndpointController(Controller):
         summary="Delete a webhook endpoint and its delivery history",
         responses=problem_responses(*_AUTH, 404),
     )
-    async def delete_endpoint(self, endpoint_id: FromPath[uuid.UUID], webhooks: Webhooks, principal: Caller) -> None:
-        await webhooks.delete_endpoint(principal, endpoint_id)
+    async def delete_endpoint(
+        self, endpoint_id: FromPath[uuid.UUID], webhooks: Webhooks, request: Authenticated
+    ) -> None:
+        await webhooks.delete_endpoint(request.user, endpoint_id)
 
     @post(
         "/{endpoint_id:uuid}/rotate-secret",
@@ -99,8 +105,10 @@ class EndpointController(Controller):
         ),
         responses=problem_responses(*_AUTH, 404),
     )
-    async def rotate_secret(self, endpoint_id: FromPath[uuid.UUID], webhooks: Webhooks, principal: Caller) -> SecretOut:
-        e = await webhooks.rotate_secret(principal, endpoint_id)
+    async def rotate_secret(
+        self, endpoint_id: FromPath[uuid.UUID], webhooks: Webhooks, request: Authenticated
+    ) -> SecretOut:
+        e = await webhooks.rotate_secret(request.user, endpoint_id)
         return SecretOut(secret=e.secret, previous_secret_expires_at=e.previous_secret_expires_at)
 
     @get(
@@ -113,11 +121,11 @@ class EndpointController(Controller):
         self,
         endpoint_id: FromPath[uuid.UUID],
         webhooks: Webhooks,
-        principal: Caller,
+        request: Authenticated,
         limit: LimitParam = 50,
         cursor: CursorParam = None,
     ) -> DeliveryList:
-        page = await webhooks.list_deliveries(principal, endpoint_id, page_request(limit, cursor))
+        page = await webhooks.list_deliveries(request.user, endpoint_id, page_request(limit, cursor))
         return DeliveryList(items=[DeliveryOut.of(v) for v in page.items], next_cursor=encode_cursor(page.next_after))
 
     @get(
@@ -126,9 +134,13 @@ class EndpointController(Controller):
         responses=problem_responses(*_AUTH, 404),
     )
     async def get_delivery(
-        self, endpoint_id: FromPath[uuid.UUID], delivery_id: FromPath[uuid.UUID], webhooks: Webhooks, principal: Caller
+        self,
+        endpoint_id: FromPath[uuid.UUID],
+        delivery_id: FromPath[uuid.UUID],
+        webhooks: Webhooks,
+        request: Authenticated,
     ) -> DeliveryOut:
-        return DeliveryOut.of(await webhooks.get_delivery(principal, endpoint_id, delivery_id))
+        return DeliveryOut.of(await webhooks.get_delivery(request.user, endpoint_id, delivery_id))
 
     @post(
         "/{endpoint_id:uuid}/deliveries/{delivery_id:uuid}/retry",
@@ -138,9 +150,13 @@ class EndpointController(Controller):
         responses=problem_responses(*_AUTH, 404, 409, 503),
     )
     async def retry_delivery(
-        self, endpoint_id: FromPath[uuid.UUID], delivery_id: FromPath[uuid.UUID], webhooks: Webhooks, principal: Caller
+        self,
+        endpoint_id: FromPath[uuid.UUID],
+        delivery_id: FromPath[uuid.UUID],
+        webhooks: Webhooks,
+        request: Authenticated,
     ) -> Response[JobAccepted]:
-        return accepted(await webhooks.retry_delivery(principal, endpoint_id, delivery_id))
+        return accepted(await webhooks.retry_delivery(request.user, endpoint_id, delivery_id))
 
 
 class EventTypeController(Controller):
