@@ -13,16 +13,24 @@ import aiosmtplib
 
 from keel.contexts.notifications.domain.model import OutgoingEmail
 
+# Every character the email package treats as a line break (str.splitlines): one in a header value
+# raises, and names of users and organizations stored before the edge refused them may hold some.
+_LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]+")
+
+
+def _one_line(value: str) -> str:
+    return _LINE_BREAKS.sub(" ", value)
+
 
 def build_message(email: OutgoingEmail, sender: str) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = email.to
-    msg["Subject"] = email.subject
+    msg["Subject"] = _one_line(email.subject)
     msg["Date"] = formatdate(localtime=False, usegmt=True)
     msg["Message-ID"] = email.message_id
     for name, value in email.headers.items():
-        msg[name] = value
+        msg[name] = _one_line(value)
     msg.set_content(email.text)
     msg.add_alternative(email.html, subtype="html")
     return msg

@@ -11,9 +11,10 @@ from msgspec import Meta
 
 T = TypeVar("T")
 
-# Printable text: no control characters, no invisible formatting characters that can disguise a
-# name (bidi overrides and isolates, zero-width characters, BOM), no surrounding whitespace.
-_BAD = r"\x00-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+# Printable text: no control characters, no line breaks of any kind (NEL, LINE and PARAGRAPH
+# SEPARATOR break email headers too), no invisible formatting characters that can disguise a name
+# (bidi overrides and isolates, zero-width characters, BOM), no surrounding whitespace.
+_BAD = r"\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
 _TEXT = rf"[^\s{_BAD}](?:[^{_BAD}]*[^\s{_BAD}])?"
 
 
