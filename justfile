@@ -64,3 +64,11 @@ _wrk:
 # Production topology on this machine (throwaway Postgres and Redis, keel migrate, 2 APIs, 2 forking workers, cron) proving no stale reads, shared rate limits, job spread, a killed worker and health; then runs until Ctrl-C (--check: proofs only; --seconds N)
 cluster *ARGS: _sync
     uv run --no-sync python -m tests.cluster {{ARGS}}
+
+# Fault injection and schema fuzzing at depth: 500 generated requests per documented operation (KEEL_FUZZ_EXAMPLES overrides)
+chaos *ARGS: _sync
+    KEEL_FUZZ_EXAMPLES="${KEEL_FUZZ_EXAMPLES:-500}" uv run --no-sync pytest tests/integration/test_fuzz_openapi.py tests/integration/test_faults.py -p no:randomly {{ARGS}}
+
+# Soak: 10 minutes of paced mixed load against the production topology (throwaway Postgres and Redis, 2 API workers, 2 forking workers, cron, a webhook receiver); PASS/FAIL per promise, exit 1 on any failure (e.g. just soak --minutes 1, --simple)
+soak *ARGS: _sync _wrk
+    uv run --no-sync python -m tests.benchmarks.soak {{ARGS}}

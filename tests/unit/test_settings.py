@@ -255,6 +255,10 @@ INVALID = [
     ("KEEL_TRUSTED_PROXIES", "proxy.internal"),
     ("KEEL_TRUSTED_PROXIES", "10.0.0.0/33"),
     ("KEEL_TRUSTED_PROXIES", "127.0.0.1,*"),
+    ("KEEL_HEADER_READ_TIMEOUT", "0"),
+    ("KEEL_HEADER_READ_TIMEOUT", "10s"),
+    ("KEEL_BODY_READ_TIMEOUT", "0.5"),
+    ("KEEL_BODY_READ_TIMEOUT", "3601"),
 ]
 
 

@@ -34,6 +34,7 @@ from keel.contexts.media.adapters.http.controllers import ROUTES as MEDIA_ROUTES
 from keel.contexts.payments.adapters.http.controllers import ROUTES as PAYMENTS_ROUTES
 from keel.contexts.webhooks.adapters.http.controllers import ROUTES as WEBHOOKS_ROUTES
 from keel.main.auth import PUBLIC_PATHS, ApiKeyAuthMiddleware
+from keel.main.body_deadline import BodyDeadlineMiddleware
 from keel.main.container import Container, build_container
 from keel.main.errors import describe_problem, handle_exception
 from keel.main.health import healthz, livez
@@ -206,6 +207,7 @@ def create_app(
                 else []
             ),
             RequestContextMiddleware,
+            DefineMiddleware(BodyDeadlineMiddleware, timeout=settings.body_read_timeout),
             DefineMiddleware(ApiKeyAuthMiddleware, authenticator=container.accounts, exclude=PUBLIC_PATHS),
             DefineMiddleware(RequestCountingMiddleware, counter=container.request_counter),
             DefineMiddleware(

@@ -19,6 +19,7 @@ def _positive(raw: str) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from granian import Granian
     from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
     from loguru import logger
 
     from keel.main import db
@@ -47,6 +48,8 @@ def _serve(args: argparse.Namespace) -> int:
         workers=workers,
         log_access=False,
         respawn_failed_workers=True,
+        # A client has this long to send its headers (slowloris); BodyDeadlineMiddleware bounds the body.
+        http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_read_timeout * 1000)),
         # Route the server's own records through loguru so every line shares one format.
         log_dictconfig={
             "version": 1,

@@ -38,6 +38,9 @@ NOT_FOUND = problem_type("not-found", 404, "No such resource for this tenant.")
 METHOD_NOT_ALLOWED = problem_type("method-not-allowed", 405, "The resource does not support this method.")
 CONFLICT = problem_type("conflict", 409, "The request clashes with the current state of the resource.")
 EMAIL_TAKEN = problem_type("email-taken", 409, "Another user of this tenant already has this email address.")
+REQUEST_TIMEOUT = problem_type(
+    "request-timeout", 408, "The request body did not arrive in time; send it again, without pauses."
+)
 TOO_LARGE = problem_type("payload-too-large", 413, "The request body exceeds the size limit.")
 UNSUPPORTED_MEDIA = problem_type("unsupported-media-type", 415, "Send the body with a supported Content-Type.")
 RATE_LIMITED = problem_type("rate-limited", 429, "Too many requests; wait for `Retry-After` seconds.")
@@ -52,6 +55,7 @@ _BY_STATUS = {
     403: FORBIDDEN,
     404: NOT_FOUND,
     405: METHOD_NOT_ALLOWED,
+    408: REQUEST_TIMEOUT,
     409: CONFLICT,
     413: TOO_LARGE,
     415: UNSUPPORTED_MEDIA,

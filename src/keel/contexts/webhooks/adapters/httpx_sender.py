@@ -123,6 +123,9 @@ class HttpxWebhookSender:
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
         except BlockedAddress as exc:
             return SendResult(latency_ms=_ms(started), error=f"Target refused: {exc}.", refused=True)
+        except httpx.InvalidURL as exc:
+            # A URL stored before its checks were tightened: it can never work, so it fails like a refusal.
+            return SendResult(latency_ms=_ms(started), error=f"Target refused: invalid URL ({exc}).", refused=True)
         except httpx.TimeoutException:
             return SendResult(latency_ms=_ms(started), error=f"No response within {self._timeout:g}s.")
         except httpx.HTTPError as exc:

@@ -8,6 +8,7 @@ import base64
 import enum
 import ipaddress
 import random
+import re
 import secrets
 import uuid
 from collections.abc import Sequence
@@ -54,6 +55,13 @@ def check_url(url: str, *, allow_private: bool) -> str:
         raise UnsafeUrl("The URL must use https.")
     if parts.username or parts.password:
         raise UnsafeUrl("The URL must not contain credentials.")
+    if "[" in parts.netloc and not isinstance(_literal_address(host), ipaddress.IPv6Address):
+        raise UnsafeUrl("The URL is malformed.")  # brackets hold an IPv6 address, nothing else
+    bare = host.rstrip(".")
+    if _NUMERIC_LABEL.fullmatch(bare.rsplit(".", 1)[-1]) and _literal_address(bare) is None:
+        # URL parsers (and resolvers) read a host ending in a number as an IPv4 address in some notation
+        # (2130706433, 0x7f.1, 0177.0.0.1) or refuse it (1.2.3.256): only dotted decimal is accepted.
+        raise UnsafeUrl("The URL must name an IPv4 address in dotted-decimal form.")
     if allow_private:
         return url
     host = host.rstrip(".")
@@ -74,9 +82,18 @@ def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
         return None
 
 
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]*")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: a NAT64 gateway reaches the IPv4 address inside
+
+
 def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address in _NAT64:
+            address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        elif address.sixtofour is not None and not is_public_address(address.sixtofour):
+            return False
     return address.is_global and not address.is_multicast
 
 
