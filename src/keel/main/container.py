@@ -9,6 +9,10 @@ import redis as redis_sync
 from loguru import logger
 from opentelemetry.trace import TracerProvider
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from keel.contexts.accounts.adapters.sql.repositories import SqlAccountsUnitOfWork
@@ -219,6 +223,10 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
             socket_connect_timeout=settings.health_timeout,
             socket_timeout=settings.redis_timeout,
             health_check_interval=15,
+            # After Redis restarts, every pooled connection is dead and fails its next command once:
+            # retry that once on a fresh connection rather than answer 503 with Redis already back.
+            retry=AsyncRetry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
         )
         checks.append(RedisHealthCheck(redis))
         if settings.cache_local_mb > 0:
@@ -250,7 +258,11 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
     sync_redis: redis_sync.Redis | None = None
     if settings.redis_url is not None:
         sync_redis = redis_sync.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=settings.health_timeout, socket_timeout=settings.redis_timeout
+            settings.redis_url,
+            socket_connect_timeout=settings.health_timeout,
+            socket_timeout=settings.redis_timeout,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
         )
         jobs = RqJobQueue(sync_redis, registry)
     else:

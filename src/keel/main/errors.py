@@ -133,12 +133,26 @@ def _clean(detail: str) -> str:
     return detail.split("\n", 1)[0][:500]
 
 
+# SQLSTATEs that mean "no database right now", not "this request is wrong": connection exceptions
+# (class 08), the server shutting down or starting up (57P01-57P03), too many connections (53300).
+# asyncpg raises some of them while connecting (CannotConnectNowError), where SQLAlchemy does not wrap.
+_UNAVAILABLE_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
 def _is_db_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError)):
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, (ConnectionError, TimeoutError))
+    seen: BaseException | None = exc
+    for _ in range(5):  # the exception and what caused it: drivers' errors arrive wrapped
+        if seen is None:
+            return False
+        if isinstance(seen, (OperationalError, InterfaceError, PoolTimeoutError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(seen, DBAPIError) and seen.connection_invalidated:
+            return True
+        state = getattr(seen, "sqlstate", None) or getattr(getattr(seen, "orig", None), "sqlstate", None)
+        if isinstance(state, str) and state.startswith(_UNAVAILABLE_STATES):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:

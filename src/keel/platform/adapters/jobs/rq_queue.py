@@ -101,7 +101,11 @@ class RqJobQueue:
         )
         try:
             if delay > 0:
-                q.schedule_job(job, datetime.now(UTC) + timedelta(seconds=delay), unique=job_id is not None)
+                # RQ keeps whole seconds (it truncates): round up, so a job never starts before it is due
+                # (a webhook retry released early found its delivery not yet due, and skipped it).
+                due = datetime.now(UTC) + timedelta(seconds=delay)
+                due = (due + timedelta(microseconds=999_999)).replace(microsecond=0)
+                q.schedule_job(job, due, unique=job_id is not None)
             else:
                 q.enqueue_job(job, unique=job_id is not None)
         except DuplicateJobError:
