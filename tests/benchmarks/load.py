@@ -63,12 +63,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from redis import Redis
@@ -938,30 +938,50 @@ def main(argv: Any = None) -> int:
         print(f"wrk is not installed: {WRK_INSTALL}", file=sys.stderr)
         return 2
     configure_logging("WARNING", json=True)
-    out_dir = Path(os.environ.get("KEEL_DATA_DIR") or "var") / "bench"
-    limit = int(args.max_seconds + args.soak)
+    report = within_deadline(
+        "load",
+        int(args.max_seconds + args.soak),
+        "raise --max-seconds",
+        lambda pg, redis_url, base: run(args, pg, redis_url, wrk, base),
+    )
+    publish("load", report.markdown())
+    return 0
+
+
+R = TypeVar("R")
+
+
+def within_deadline(
+    name: str, limit: int, hint: str, body: Callable[[PostgresServer, str, Path], Coroutine[Any, Any, R]]
+) -> R:
+    """Run ``body`` against a throwaway Postgres and Redis and a scratch directory, all gone afterwards.
+    A hung server or load generator stops the run after ``limit`` seconds; the finally blocks still end
+    every process."""
 
     def out_of_time(signum: int, frame: Any) -> None:
-        raise OutOfTime(f"no result after {limit} s (raise --max-seconds)")
+        raise OutOfTime(f"no result after {limit} s ({hint})")
 
-    # A hung server or load generator stops the run too; the finally blocks still end every process.
     signal.signal(signal.SIGALRM, out_of_time)
     signal.alarm(limit)
-    base = Path(tempfile.mkdtemp(prefix="keel-load-"))
+    base = Path(tempfile.mkdtemp(prefix=f"keel-{name}-"))
     try:
         with postgres_server() as pg, redis_server() as redis:
-            report = asyncio.run(run(args, pg, redis.url, wrk, base))
+            return asyncio.run(body(pg, redis.url, base))
     finally:
         signal.alarm(0)
         shutil.rmtree(base, ignore_errors=True)
-    markdown = report.markdown()
+
+
+def publish(name: str, markdown: str) -> Path:
+    """Print a report and keep it under ``$KEEL_DATA_DIR/bench/<name>-<UTC time>.md``."""
     print()
     print(markdown)
+    out_dir = Path(os.environ.get("KEEL_DATA_DIR") or "var") / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"load-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.md"
+    path = out_dir / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.md"
     path.write_text(markdown)
     print(f"Written to {path}")
-    return 0
+    return path
 
 
 if __name__ == "__main__":

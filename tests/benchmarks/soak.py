@@ -61,7 +61,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -82,7 +81,7 @@ from standardwebhooks.webhooks import Webhook
 from keel.main import db
 from keel.main.logging import configure_logging
 from keel.platform.domain.jobs import QUEUES
-from tests.benchmarks.analytics import OutOfTime, engine_for, signup
+from tests.benchmarks.analytics import engine_for, signup
 from tests.benchmarks.load import (
     TENANTS,
     WRK_DIR,
@@ -93,15 +92,17 @@ from tests.benchmarks.load import (
     keel_env,
     machine_facts,
     parse_wrk,
+    publish,
     read_every_profile,
     rss_mb,
     seed,
     server_workers,
     start_api,
+    within_deadline,
 )
 from tests.cluster.processes import stop_all
 from tests.support.receivers import Receiver, webhook_receiver
-from tests.support.servers import PostgresServer, admin_sql, free_port, postgres_server, redis_server
+from tests.support.servers import PostgresServer, admin_sql, free_port
 
 DATABASE = "keel_soak"
 RQ_WORKERS = 2
@@ -1164,29 +1165,13 @@ def main(argv: Any = None) -> int:
         print(f"wrk is not installed: {WRK_INSTALL}", file=sys.stderr)
         return 2
     configure_logging("WARNING", json=True)
-    out_dir = Path(os.environ.get("KEEL_DATA_DIR") or "var") / "bench"
-    limit = int(args.max_setup + args.minutes * 60 + args.drain)
-
-    def out_of_time(signum: int, frame: Any) -> None:
-        raise OutOfTime(f"no result after {limit} s (raise --max-setup)")
-
-    # A hung server or load generator stops the run too; the finally blocks still end every process.
-    signal.signal(signal.SIGALRM, out_of_time)
-    signal.alarm(limit)
-    base = Path(tempfile.mkdtemp(prefix="keel-soak-"))
-    try:
-        with postgres_server() as pg, redis_server() as redis:
-            report = asyncio.run(run_soak(args, pg, redis.url, wrk, base))
-    finally:
-        signal.alarm(0)
-        shutil.rmtree(base, ignore_errors=True)
-    markdown = report.markdown()
-    print()
-    print(markdown)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"soak-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.md"
-    path.write_text(markdown)
-    print(f"Written to {path}")
+    report = within_deadline(
+        "soak",
+        int(args.max_setup + args.minutes * 60 + args.drain),
+        "raise --max-setup",
+        lambda pg, redis_url, base: run_soak(args, pg, redis_url, wrk, base),
+    )
+    publish("soak", report.markdown())
     return 0 if report.passed else 1
 
 

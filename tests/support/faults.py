@@ -26,23 +26,11 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from tests.cluster.topology import FAST_WORKER
 from tests.support.app import UNLIMITED
 from tests.support.servers import PostgresServer, free_port
 
 KEEL = str(Path(sys.executable).parent / "keel")
-
-# Short intervals so an abandoned job is noticed within seconds: heartbeat every 1 s, abandoned 2 s after a
-# missed one, registries cleaned every 1 s, and an idle worker wakes every 20 - 15 = 5 s.
-FAST_WORKER = [
-    "--monitoring-interval",
-    "1",
-    "--heartbeat-grace",
-    "2",
-    "--maintenance-interval",
-    "1",
-    "--worker-ttl",
-    "20",
-]
 
 
 def keel_env(database_url: str, redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
