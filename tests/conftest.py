@@ -7,10 +7,12 @@ Each test that needs a database gets a fresh one: Postgres clones a migrated tem
 from __future__ import annotations
 
 import shutil
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +85,20 @@ def database_url(request: pytest.FixtureRequest) -> str:
     """Both SQL backends: the embedded default and production."""
     name = "sqlite_url" if request.param == "sqlite" else "pg_url"
     return str(request.getfixturevalue(name))
+
+
+# A webhook host that passes the URL checks at creation (a public-looking name) and resolves to
+# 127.0.0.1 in this process, so the connection-time guard refuses every delivery to it: deliveries fail
+# at once and for good, without any traffic and without depending on the machine's resolver.
+REFUSED_HOST = "refused.keel.test"
+
+
+@pytest.fixture
+def refused_host(monkeypatch: pytest.MonkeyPatch) -> str:
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return real("127.0.0.1" if host == REFUSED_HOST else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return REFUSED_HOST

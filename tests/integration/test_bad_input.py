@@ -68,6 +68,7 @@ from PIL import Image
 
 from keel.contexts.media.domain.services import PROCESS_JOB
 from keel.platform.domain.events import event_job_id
+from tests.conftest import REFUSED_HOST
 from tests.support.waiting import eventually
 
 Client = AsyncTestClient[Litestar]
@@ -281,9 +282,16 @@ class Ctx:
         return next(iter(self.counter))
 
 
-# Not an address literal, so the URL is accepted; it resolves to 127.0.0.1, so every delivery to it is
-# refused at connection time: the victim's deliveries fail at once and for good, without any traffic.
-REFUSED_URL = "https://127.1:9/victim"
+# Accepted at creation, refused by the connection-time guard (tests/conftest.py: refused_host), so
+# every delivery to it fails at once and for good, without any traffic.
+REFUSED_URL = f"https://{REFUSED_HOST}:9/victim"
+
+
+@pytest.fixture(autouse=True)
+def _refused_host_resolves_to_loopback(refused_host: str) -> None:
+    pass
+
+
 # The events make_ctx causes after creating the victim endpoint: one delivery each.
 VICTIM_EVENTS = ["user.created", "api_key.created", "api_key.revoked"]
 

@@ -29,6 +29,7 @@ from keel.contexts.accounts.domain.caching import user_key
 from keel.contexts.media.domain.services import FORGET_JOB, PROCESS_JOB
 from keel.main.worker import make_runtime
 from keel.platform.adapters.jobs.rq_queue import RqJobQueue
+from keel.platform.adapters.redis.cache import NAMESPACE
 from keel.platform.domain.jobs import LOW
 from tests.support.app import client_for, job, make_settings, signup
 from tests.support.rq import runtime_installed, work_until
@@ -83,7 +84,7 @@ class Stack:
         return found
 
     def profile_cached(self, user_id: str) -> bool:
-        return bool(self.connection.exists(user_key(uuid.UUID(self.tenant_id), uuid.UUID(user_id))))
+        return bool(self.connection.exists(NAMESPACE + user_key(uuid.UUID(self.tenant_id), uuid.UUID(user_id))))
 
     async def upload(self, user_id: str, data: bytes) -> httpx.Response:
         headers = {**self.headers, "Content-Type": "image/png"}

@@ -36,6 +36,7 @@ from litestar.testing import AsyncTestClient
 from PIL import Image
 
 from keel.main.auth import PUBLIC_PATHS
+from tests.conftest import REFUSED_HOST
 from tests.support.waiting import eventually
 
 Client = AsyncTestClient[Litestar]
@@ -117,9 +118,15 @@ READ_ROUTES: dict[tuple[str, str], bool] = {
 DELIVERY_LIST = "deliveries of the first endpoint"
 # Likewise its refunds, through the payment they refund.
 REFUND_LIST = "refunds of the first payment"
-# Not an address literal, so the URL is accepted; it resolves to 127.0.0.1, so every delivery is refused at
-# connection time: deliveries fail at once and for good, with no network traffic.
-REFUSED_URL = "https://127.1:9"
+# Accepted at creation, refused by the connection-time guard (tests/conftest.py: refused_host), so
+# every delivery to it fails at once and for good, without any traffic.
+REFUSED_URL = f"https://{REFUSED_HOST}:9"
+
+
+@pytest.fixture(autouse=True)
+def _refused_host_resolves_to_loopback(refused_host: str) -> None:
+    pass
+
 
 # Ways of writing the same UUID that the router accepts.
 SPELLINGS: dict[str, Callable[[str], str]] = {
