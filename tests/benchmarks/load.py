@@ -89,6 +89,7 @@ from tests.benchmarks.analytics import (
     wait_ready,
 )
 from tests.support.app import UNLIMITED
+from tests.support.processes import children
 from tests.support.servers import PostgresServer, admin_sql, free_port, postgres_server, redis_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,24 +148,11 @@ def keel_env(database_url: str, redis_url: str, data_dir: Path, port: int, **ext
     }
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            stat = (entry / "stat").read_text()
-            # The command name (field 2) may hold spaces and parentheses: the parent id follows its last ")".
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return sorted(out)
-
-
 def server_workers(pid: int) -> list[int]:
     """Granian's worker processes: the server process's children, multiprocessing's resource tracker left
     out; the server process itself when it has none (yet)."""
     workers = []
-    for child in _children(pid):
+    for child in children(pid):
         with contextlib.suppress(OSError):
             if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
                 workers.append(child)

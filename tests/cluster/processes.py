@@ -9,18 +9,8 @@ import signal
 import subprocess
 from collections.abc import Iterable
 
-from tests.benchmarks.load import Servers, _children
-
-
-def descendants(pid: int) -> list[int]:
-    """Children, grandchildren... of ``pid``."""
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in _children(stack.pop()):
-            found.append(child)
-            stack.append(child)
-    return found
+from tests.benchmarks.load import Servers
+from tests.support.processes import descendants
 
 
 def tree(proc: subprocess.Popen[bytes]) -> list[int]:

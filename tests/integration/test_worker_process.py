@@ -36,6 +36,7 @@ from keel.main.container import Container
 from keel.main.settings import Settings
 from keel.platform.adapters.jobs.rq_queue import RqJobQueue
 from tests.support.app import client_for, make_settings
+from tests.support.processes import descendants
 from tests.support.receivers import Receiver, Reply, webhook_receiver
 from tests.support.waiting import eventually
 
@@ -99,27 +100,6 @@ class Worker:
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
-
-
-def descendants(pid: int) -> list[int]:
-    """Children, grandchildren... of ``pid``, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
 
 
 @pytest.fixture

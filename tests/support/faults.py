@@ -28,6 +28,7 @@ from rq.serializers import JSONSerializer
 
 from tests.cluster.topology import FAST_WORKER
 from tests.support.app import UNLIMITED
+from tests.support.processes import descendants
 from tests.support.servers import PostgresServer, free_port
 
 KEEL = str(Path(sys.executable).parent / "keel")
@@ -53,27 +54,6 @@ def keel_env(database_url: str, redis_url: str, data_dir: Path, **extra: str) ->
 
 
 # -- processes -----------------------------------------------------------------------------------------
-
-
-def descendants(pid: int) -> list[int]:
-    """Children, grandchildren... of ``pid``, from /proc (RQ's work horse leaves the worker's process group)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
 
 
 def _signal_all(pids: list[int], sig: signal.Signals) -> None:
