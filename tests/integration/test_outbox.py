@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event as event_api
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -223,6 +224,30 @@ async def test_a_commit_without_events_writes_no_outbox_row_and_publishes_nothin
     assert await db.count("tenants") == 1
     assert await db.rows() == []
     assert sub.received == []
+
+
+async def test_commits_made_at_once_are_all_marked_in_fewer_updates_than_commits(db: Db, clock: ManualClock) -> None:
+    """Group commit: publishers that arrive while a "published" UPDATE is in flight share the next one, and
+    each returns only once its own row is marked."""
+    sub = Subscriber(delay=0.01)  # the requests overlap, as they do under load
+    relay = relay_with(db, clock, sub)
+    updates: list[str] = []
+
+    def count_updates(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE OUTBOX"):
+            updates.append(statement)
+
+    event_api.listen(db.engine.sync_engine, "before_cursor_execute", count_updates)
+    try:
+        events = await asyncio.gather(*(create_tenant(db, clock, relay, name=f"Tenant {i}") for i in range(20)))
+    finally:
+        event_api.remove(db.engine.sync_engine, "before_cursor_execute", count_updates)
+    assert sorted(e.id for e in sub.received) == sorted(e.id for e in events)
+    rows = await db.rows()
+    assert len(rows) == 20
+    assert all(r.published_at == clock.now() for r in rows)
+    assert await relay.pending() == 0
+    assert 1 <= len(updates) < 20, len(updates)
 
 
 async def test_the_fast_path_never_fails_the_request_even_if_it_cannot_mark_rows(

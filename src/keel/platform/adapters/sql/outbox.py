@@ -6,14 +6,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from advanced_alchemy.types import GUID, DateTimeUTC, JsonB
 from loguru import logger
-from sqlalchemy import Index, Integer, String, func, select, text, update
+from sqlalchemy import Index, Integer, String, Table, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
+from keel.platform.adapters.batching import NextBatch
 from keel.platform.adapters.sql.base import Base
 from keel.platform.context import request_id_var
 from keel.platform.domain.events import Event, EventDispatcher
@@ -48,16 +49,16 @@ class OutboxRow(Base):
     last_error: Mapped[str | None] = mapped_column(String(500), nullable=True)
 
 
-def outbox_row(event: Event) -> OutboxRow:
-    return OutboxRow(
-        id=event.id,
-        type=event.type,
-        tenant_id=event.tenant_id,
-        data=dict(event.data),
-        occurred_at=event.occurred_at,
-        request_id=request_id_var.get(),
-        attempts=0,
-    )
+def outbox_values(event: Event) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "type": event.type,
+        "tenant_id": event.tenant_id,
+        "data": dict(event.data),
+        "occurred_at": event.occurred_at,
+        "request_id": request_id_var.get(),
+        "attempts": 0,
+    }
 
 
 def _event(row: OutboxRow) -> Event:
@@ -85,6 +86,8 @@ class SqlOutboxRelay:
         self._dispatcher = dispatcher
         self._clock = clock
         self._grace = grace
+        # The "published" marks of concurrent requests share one UPDATE (group commit).
+        self._marks: NextBatch[list[uuid.UUID], None] = NextBatch(self._mark_published)
 
     async def publish_committed(self, events: Sequence[Event]) -> None:
         done: list[uuid.UUID] = []
@@ -95,12 +98,23 @@ class SqlOutboxRelay:
             except Exception as exc:  # noqa: BLE001 - the sweep retries; the request already committed
                 logger.warning("event {} ({}) left for the outbox sweep: {!r}", event.id, event.type, exc)
         if done:
-            try:
-                async with self._sessions() as session, session.begin():
-                    stmt = update(OutboxRow).where(OutboxRow.id.in_(done)).values(published_at=self._clock.now())
-                    await session.execute(stmt)
-            except Exception as exc:  # noqa: BLE001 - the rows stay pending; consumers are idempotent
-                logger.warning("could not mark {} event(s) published: {!r}", len(done), exc)
+            await self._marked(done)
+
+    async def _marked(self, ids: list[uuid.UUID]) -> None:
+        """Returns once ``ids`` are marked published, or the attempt failed: then the rows stay pending,
+        the sweep publishes them again, and consumers are idempotent."""
+        try:
+            await self._marks.submit(ids)
+        except Exception as exc:  # noqa: BLE001 - the request already committed
+            logger.warning("could not mark {} event(s) published: {!r}", len(ids), exc)
+
+    async def _mark_published(self, batches: list[list[uuid.UUID]]) -> list[None]:
+        ids = [event_id for batch in batches for event_id in batch]
+        async with self._sessions() as session, session.begin():
+            # The Core table, not the mapped class: no ORM bookkeeping for rows never loaded.
+            table = cast(Table, OutboxRow.__table__)
+            await session.execute(update(table).where(table.c.id.in_(ids)).values(published_at=self._clock.now()))
+        return [None] * len(batches)
 
     async def sweep(self, batch: int = 100) -> int:
         """Publish up to ``batch`` events older than the grace period; returns how many were published."""

@@ -7,7 +7,7 @@ import builtins
 import uuid
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keel.contexts.payments.adapters.sql.models import PaymentRow, RefundRow
@@ -48,6 +48,11 @@ def _payment(row: PaymentRow) -> Payment:
         failure_message=row.failure_message,
         version=row.version,
     )
+
+
+# Built once: a statement object memoizes its compiled-cache key, which a new ``insert()`` per call
+# would compute again every time.
+_INSERT_PAYMENT = insert(PaymentRow)
 
 
 def _payment_columns(p: Payment) -> dict[str, object]:
@@ -131,8 +136,8 @@ class SqlPaymentRepository:
         self._s = session
 
     async def add(self, payment: Payment) -> None:
-        self._s.add(PaymentRow(**_payment_columns(payment)))
-        await self._s.flush()
+        # A bulk INSERT: the hot write path, and nothing reads the row back through this session.
+        await self._s.execute(_INSERT_PAYMENT, [_payment_columns(payment)])
 
     async def get(self, tenant_id: uuid.UUID, payment_id: uuid.UUID) -> Payment | None:
         stmt = select(PaymentRow).where(PaymentRow.tenant_id == tenant_id, PaymentRow.id == payment_id)
