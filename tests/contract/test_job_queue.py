@@ -366,6 +366,30 @@ async def test_distinct_enqueues_get_distinct_ids(h: Harness) -> None:
     assert [i.result["echo"] for i in infos] == [{"i": i} for i in range(5)]
 
 
+async def test_enqueues_made_at_once_each_get_their_own_answer(h: Harness) -> None:
+    """Concurrent callers (RQ sends them together, in one round trip): each gets its own job id or its own
+    error, a repeated id is still one job, and one caller's bad arguments fail nobody else."""
+    calls = Calls()
+    name = h.register("test.together", echo(calls), retry=NO_RETRY)
+    shared = str(uuid.uuid4())
+    outcomes = await asyncio.gather(
+        *(h.queue.enqueue(name, {"i": i}) for i in range(6)),
+        h.queue.enqueue(name, {"i": "bad", "value": uuid.uuid4()}),
+        h.queue.enqueue(name, {"i": "first"}, job_id=shared),
+        h.queue.enqueue(name, {"i": "second"}, job_id=shared),
+        h.queue.enqueue(name, {"i": "later"}, delay=h.unit),
+        return_exceptions=True,
+    )
+    *plain, bad, first, second, later = outcomes
+    assert isinstance(bad, TypeError | ValueError)
+    assert first == second == shared
+    assert all(isinstance(o, str) for o in [*plain, later])
+    assert len({*plain, later, shared}) == 8
+    infos = await h.run_until_settled(*plain, shared, later)  # type: ignore[arg-type]
+    assert [i.status for i in infos] == [JobStatus.SUCCEEDED] * 8
+    assert sorted(map(str, (a["i"] for a in calls.args))) == sorted([*map(str, range(6)), "first", "later"])
+
+
 async def test_get_of_an_unknown_job_is_none(h: Harness) -> None:
     assert await h.queue.get(str(uuid.uuid4())) is None
     assert await h.queue.get("not-even-a-uuid") is None
