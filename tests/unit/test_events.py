@@ -6,6 +6,7 @@ it owes), so that work an event triggers never reads what the event made stale.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -100,6 +101,29 @@ async def test_the_first_failure_stops_the_dispatch_and_propagates() -> None:
     with pytest.raises(ConnectionError, match="any failed"):
         await dispatcher.dispatch(event("user.created"))
     assert log.calls == ["any:user.created"]
+
+
+async def test_the_subscribers_of_a_type_run_together_and_a_failure_among_them_still_propagates() -> None:
+    """Each typed subscriber waits for the other's start: run in turn, this dispatch would never end."""
+    dispatcher = EventDispatcher()
+    started = {"a": asyncio.Event(), "b": asyncio.Event()}
+    finished: list[str] = []
+
+    def meets(me: str, other: str, fail: bool = False) -> Any:
+        async def handle(e: Event) -> None:
+            started[me].set()
+            await started[other].wait()
+            finished.append(me)
+            if fail:
+                raise ConnectionError(f"{me} failed")
+
+        return handle
+
+    dispatcher.subscribe("payment.created", meets("a", "b", fail=True))
+    dispatcher.subscribe("payment.created", meets("b", "a"))
+    with pytest.raises(ConnectionError, match="a failed"):
+        await asyncio.wait_for(dispatcher.dispatch(event("payment.created")), timeout=5)
+    assert sorted(finished) == ["a", "b"]  # the failure did not cut the other one short
 
 
 def test_event_job_ids_are_derived_from_the_event_and_the_job() -> None:

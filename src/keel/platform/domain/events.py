@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
@@ -44,9 +45,21 @@ class EventDispatcher:
         """Run every subscriber; the first failure propagates so the outbox keeps the event for a retry.
 
         Delivery is at least once, so subscribers must be idempotent.
+
+        Subscribers to every event run first and in turn (see ``handlers_for``); the event's own
+        subscribers then run together, so their round trips overlap (the jobs a payment owes are enqueued
+        in one batch) and each of them still runs even if another fails.
         """
-        for handler in self.handlers_for(event.type):
+        for handler in self._handlers.get(ANY_EVENT, ()):
             await handler(event)
+        own = self._handlers.get(event.type, ())
+        if len(own) == 1:
+            await own[0](event)
+        elif own:
+            outcomes = await asyncio.gather(*(handler(event) for handler in own), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
 
 
 def event_to_args(event: Event) -> dict[str, Any]:
