@@ -5,8 +5,8 @@ constant JSON body exactly as long as a real profile response: no middleware, no
 database, no cache. Litestar still routes, parses the UUID and encodes the body (msgspec) on every
 request, as it does for Keel's handler, so the difference between this and the cached read is what Keel
 itself adds. It is served by granian with the options ``keel serve`` uses (src/keel/main/cli.py
-``_serve``: ASGI interface, an app factory, N workers, default HTTP settings, no access log, failed
-workers respawned).
+``_serve``: ASGI interface, the standard asyncio loop, an app factory, N workers, default HTTP settings,
+no access log, failed workers respawned).
 
     uv run --no-sync python -m tests.benchmarks.ceiling --port 8100 --body-bytes 245 [--workers 1]
 """
@@ -48,7 +48,7 @@ def create_app() -> Litestar:
 
 def main(argv: Any = None) -> None:
     from granian import Granian
-    from granian.constants import Interfaces
+    from granian.constants import Interfaces, Loops
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
@@ -64,6 +64,7 @@ def main(argv: Any = None) -> None:
         address=args.host,
         port=args.port,
         interface=Interfaces.ASGI,
+        loop=Loops.asyncio,
         workers=args.workers,
         log_access=False,
         respawn_failed_workers=True,

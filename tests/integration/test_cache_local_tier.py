@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
+import uvloop
 from redis.asyncio import Redis
 
 from keel.platform.adapters.redis.cache import NAMESPACE, RedisCache
@@ -213,3 +214,19 @@ async def test_a_tier_never_started_reads_through_to_redis(redis_url: str) -> No
         for _ in range(3):
             assert await tier.get(key) == b"v"
         assert tier.local_hits == 0
+
+
+def test_the_tier_works_on_uvloop(redis_url: str) -> None:
+    """granian runs the app on uvloop whenever it is installed, and uvloop's transports are not
+    asyncio.Transport subclasses: the tracking connection must not depend on that."""
+
+    async def scenario() -> None:
+        async with tiers(redis_url, 2) as (one, two):
+            key = k()
+            await one.set(key, b"v1", TTL)
+            assert await cached_locally(two, key) == b"v1"
+            await one.set(key, b"v2", TTL)
+            assert await two.get(key) == b"v2"  # the very next read, on the other "process"
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())

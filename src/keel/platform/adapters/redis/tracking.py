@@ -23,7 +23,7 @@ import socket
 import ssl
 import termios
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from loguru import logger
 from redis.asyncio.connection import parse_url
@@ -92,8 +92,9 @@ class _TrackingProtocol(asyncio.Protocol):
         self._unread = array.array("i", [0])
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, though not necessarily an asyncio.Transport subclass: uvloop's are not, and
+        # granian runs the app on uvloop whenever it is installed.
+        self.transport = cast(asyncio.Transport, transport)
         raw = transport.get_extra_info("socket")
         if raw is not None:
             # A duplicate of the descriptor, used only to ask how many bytes wait unread.
