@@ -41,7 +41,11 @@ The report (Markdown) is printed and written to ``$KEEL_DATA_DIR/bench/load-<UTC
 default).
 
     uv run --no-sync python -m tests.benchmarks.load [--runs 3] [--duration 10] [--workers 1]
-        [--threads 2] [--connections 32] [--soak 300] [--max-seconds 900]
+        [--threads 2] [--connections 32] [--soak 300] [--max-seconds 900] [--only abcdef] [--profile]
+
+``--profile`` also writes a py-spy flame graph (SVG, GIL samples) of each API worker process, and of the
+job worker in scenario d, for every measured run, under ``$KEEL_DATA_DIR/bench/profiles-<UTC time>/``.
+Sampling costs the sampled processes some throughput: compare figures of profiled runs with each other only.
 """
 
 from __future__ import annotations
@@ -279,6 +283,42 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
+class Profiler:
+    """``--profile``: py-spy samples the processes serving a scenario for the whole of each measured run
+    (the API's worker processes, and the job worker in scenario d) and writes one flame graph (SVG) per
+    process and run. Only time spent holding the GIL is sampled (``--gil``): where Python burns CPU, not
+    where it waits. py-spy attaches with ptrace: it needs root or CAP_SYS_PTRACE."""
+
+    def __init__(self, py_spy: str, out_dir: Path, rate: int = 200) -> None:
+        self.py_spy = py_spy
+        self.out_dir = out_dir
+        self.rate = rate
+        self.written: list[Path] = []
+        self.failures: list[str] = []
+
+    def start(self, label: str, pids: dict[str, int], seconds: float) -> list[tuple[Path, subprocess.Popen[bytes]]]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        started = []
+        for name, pid in pids.items():
+            out = self.out_dir / f"{label}-{name}.svg"
+            cmd = [self.py_spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds)))]
+            cmd += ["--rate", str(self.rate), "--gil", "--nonblocking", "--format", "flamegraph", "--output", str(out)]
+            started.append((out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+        return started
+
+    def finish(self, started: list[tuple[Path, subprocess.Popen[bytes]]]) -> None:
+        for out, proc in started:
+            try:
+                _, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if proc.returncode == 0 and out.exists():
+                self.written.append(out)
+            else:
+                self.failures.append(f"{out.name}: {err.decode(errors='replace').strip()[-300:]}")
+
+
 @dataclass
 class Load:
     """How wrk is driven: the same threads, connections and durations for every scenario."""
@@ -288,6 +328,7 @@ class Load:
     connections: int
     duration: float
     warmup: float
+    profiler: Profiler | None = None
 
     def run(self, url: str, script: str, args: list[str], seconds: float) -> WrkResult:
         cmd = [
@@ -375,12 +416,28 @@ class Counters:
 
 
 async def measure(
-    load: Load, scenario: Scenario, base_url: str, args: list[str], server_pid: int, counters: Counters
+    load: Load,
+    scenario: Scenario,
+    base_url: str,
+    args: list[str],
+    server_pid: int,
+    counters: Counters,
+    job_worker_pid: int | None = None,
 ) -> Sample:
     load.run(base_url + scenario.path, scenario.script, args, load.warmup)
     rss_start = rss_of(server_pid)
     before = await counters.read()
-    result = load.run(base_url + scenario.path, scenario.script, args, load.duration)
+    profiling = []
+    if load.profiler is not None:
+        pids = {f"api{i}": pid for i, pid in enumerate(server_workers(server_pid), 1)}
+        if job_worker_pid is not None:
+            pids["worker"] = job_worker_pid
+        profiling = load.profiler.start(f"{scenario.key}-run{len(scenario.samples) + 1}", pids, load.duration)
+    try:
+        result = load.run(base_url + scenario.path, scenario.script, args, load.duration)
+    finally:
+        if load.profiler is not None:
+            load.profiler.finish(profiling)
     after = await counters.read()
     sample = Sample(
         result=result,
@@ -759,7 +816,13 @@ class Bench:
             print(f"Run {run_no}/{self.args.runs} (payments):", flush=True)
             nonce = f"r{run_no}-{uuid.uuid4().hex[:8]}"  # keys never repeat, across runs and benchmarks
             await measure(
-                self.load, self.scenarios["d"], api.base_url, [self.tokens_file, nonce], api.pid("serve"), self.counters
+                self.load,
+                self.scenarios["d"],
+                api.base_url,
+                [self.tokens_file, nonce],
+                api.pid("serve"),
+                self.counters,
+                job_worker_pid=worker.pid("worker"),
             )
             api.check_alive()
             worker.check_alive()
@@ -815,6 +878,8 @@ async def run(args: argparse.Namespace, pg: PostgresServer, redis_url: str, wrk:
     await admin_sql(pg, f'CREATE DATABASE "{DATABASE}"')
     url = pg.url(DATABASE)
     db.upgrade(url)
+    profiles = bench_dir() / f"profiles-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    profiler = Profiler(args.py_spy, profiles) if args.profile else None
     scenarios = {
         "a": Scenario("a", "ceiling: bare Litestar handler, constant body", "users.lua", ""),
         "b": Scenario("b", "`GET /v1/users/{id}`, cached", "users.lua", ""),
@@ -858,7 +923,7 @@ async def run(args: argparse.Namespace, pg: PostgresServer, redis_url: str, wrk:
 
                 bench = Bench(
                     args,
-                    Load(wrk, args.threads, args.connections, args.duration, args.warmup),
+                    Load(wrk, args.threads, args.connections, args.duration, args.warmup, profiler),
                     Counters(redis_url, engine),
                     redis,
                     scenarios,
@@ -883,6 +948,13 @@ async def run(args: argparse.Namespace, pg: PostgresServer, redis_url: str, wrk:
                         await start_api(uncached, args.workers)
                         await bench.uncached_runs(uncached)
                 bench.notes += log_notes(base)
+                if profiler is not None:
+                    bench.notes.append(
+                        f"Profiles (py-spy flame graphs, GIL samples, every measured run): {len(profiler.written)} "
+                        f"in {profiler.out_dir}. Sampling slows the processes it samples: these figures are not "
+                        "comparable with those of runs without --profile"
+                        + "".join(f"; not written: {failure}" for failure in profiler.failures[:3])
+                    )
 
                 jobs: dict[str, list[dict[str, float]]] = {}
                 if "f" in args.only:
@@ -916,6 +988,11 @@ def main(argv: Any = None) -> int:
     )
     parser.add_argument("--soak", type=float, default=0, help="also drive the cached read this long (e.g. 300)")
     parser.add_argument("--max-seconds", type=float, default=900, help="give up after this long (plus --soak)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="flame graphs of the API (and of the job worker in d) for every measured run (py-spy; needs ptrace)",
+    )
     parser.add_argument("--jobs-child", metavar="REDIS_URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.jobs_child:
@@ -924,6 +1001,10 @@ def main(argv: Any = None) -> int:
     wrk = shutil.which("wrk")
     if wrk is None:
         print(f"wrk is not installed: {WRK_INSTALL}", file=sys.stderr)
+        return 2
+    args.py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if args.profile and args.py_spy is None:
+        print("--profile needs py-spy (a dev dependency: uv sync)", file=sys.stderr)
         return 2
     configure_logging("WARNING", json=True)
     report = within_deadline(
@@ -960,11 +1041,15 @@ def within_deadline(
         shutil.rmtree(base, ignore_errors=True)
 
 
+def bench_dir() -> Path:
+    return Path(os.environ.get("KEEL_DATA_DIR") or "var").resolve() / "bench"
+
+
 def publish(name: str, markdown: str) -> Path:
     """Print a report and keep it under ``$KEEL_DATA_DIR/bench/<name>-<UTC time>.md``."""
     print()
     print(markdown)
-    out_dir = Path(os.environ.get("KEEL_DATA_DIR") or "var") / "bench"
+    out_dir = bench_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.md"
     path.write_text(markdown)
