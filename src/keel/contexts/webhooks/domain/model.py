@@ -57,14 +57,13 @@ def check_url(url: str, *, allow_private: bool) -> str:
         raise UnsafeUrl("The URL must not contain credentials.")
     if "[" in parts.netloc and not isinstance(_literal_address(host), ipaddress.IPv6Address):
         raise UnsafeUrl("The URL is malformed.")  # brackets hold an IPv6 address, nothing else
-    bare = host.rstrip(".")
-    if _NUMERIC_LABEL.fullmatch(bare.rsplit(".", 1)[-1]) and _literal_address(bare) is None:
+    host = host.rstrip(".")
+    if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]) and _literal_address(host) is None:
         # URL parsers (and resolvers) read a host ending in a number as an IPv4 address in some notation
         # (2130706433, 0x7f.1, 0177.0.0.1) or refuse it (1.2.3.256): only dotted decimal is accepted.
         raise UnsafeUrl("The URL must name an IPv4 address in dotted-decimal form.")
     if allow_private:
         return url
-    host = host.rstrip(".")
     if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
         raise UnsafeUrl("The URL points to a private host.")
     address = _literal_address(host)
