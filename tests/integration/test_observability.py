@@ -16,6 +16,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from keel.main.logging import redact
 from tests.support.app import client_for, make_settings, signup
+from tests.support.waiting import eventually
 
 Client = AsyncTestClient[Litestar]
 
@@ -74,6 +75,14 @@ async def test_server_span_is_named_by_route_and_shares_trace_with_sql(
     provider, exporter = spans
     async with client_for(make_settings(pg_url, tmp_path), tracer_provider=provider) as client:
         t = await signup(client)
+        jobs = client.app.state["container"].jobs
+
+        async def jobs_idle() -> bool:
+            return bool(jobs.idle)
+
+        # The jobs signup's events started (the welcome email) would otherwise still be running, their
+        # SQL traced under a job span not finished yet, when the spans are read below.
+        await eventually(jobs_idle, within=30)
         exporter.clear()
         r = await client.get(f"/v1/users/{t['user']['id']}", headers={**t["headers"], "X-Request-ID": "traced-1"})
         assert r.status_code == 200

@@ -168,8 +168,15 @@ def expected_in(trace: list[Span]) -> dict[str, bool]:
 
 
 def _complete(spans: list[Span]) -> bool:
+    """Every part is there and every span's parent has arrived: a job's own span is exported after its
+    children (it ends last), so the parts alone can be there a moment before the tree is whole."""
     servers = [s for s in spans if s.kind == "SERVER" and s.name == PAYMENT_SPAN]
-    return len(servers) == 1 and all(expected_in([s for s in spans if s.trace_id == servers[0].trace_id]).values())
+    if len(servers) != 1:
+        return False
+    trace = [s for s in spans if s.trace_id == servers[0].trace_id]
+    ids = {s.span_id for s in trace}
+    whole = all(s.parent_span_id is None or s.parent_span_id in ids for s in trace)
+    return whole and all(expected_in(trace).values())
 
 
 def pay_and_collect(database_url: str, redis_url: str, base: Path, *worker_args: str) -> Payment:

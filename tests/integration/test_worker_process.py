@@ -23,8 +23,6 @@ import pytest
 import redis
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
 from rq.job import JobStatus as RqStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
@@ -36,6 +34,7 @@ from keel.main.container import Container
 from keel.main.settings import Settings
 from keel.platform.adapters.jobs.rq_queue import RqJobQueue
 from tests.support.app import client_for, make_settings
+from tests.support.faults import expire_scheduler_locks, rq_jobs
 from tests.support.processes import descendants
 from tests.support.receivers import Receiver, Reply, webhook_receiver
 from tests.support.waiting import eventually
@@ -163,24 +162,6 @@ async def build_scene(client: Client, receiver: Receiver) -> Scene:
     return Scene(headers, endpoint["id"], endpoint["secret"], r.json()["id"], request_id, "signup-req-1")
 
 
-def rq_jobs(redis_url: str) -> list[Job]:
-    """Every Keel job RQ holds, whatever its state (read without triggering any registry clean-up)."""
-    conn = redis.Redis.from_url(redis_url)
-    try:
-        jobs = []
-        for key in conn.scan_iter(match="rq:job:*"):
-            job_id = key.decode().removeprefix("rq:job:")
-            if ":" in job_id:
-                continue  # per-job auxiliary keys (executions, dependents)
-            with contextlib.suppress(NoSuchJobError):
-                job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
-                if job.meta.get("name"):
-                    jobs.append(job)
-        return jobs
-    finally:
-        conn.close()
-
-
 def queued(redis_url: str, queue: str = "high") -> list[tuple[str, str | None]]:
     conn = redis.Redis.from_url(redis_url)
     try:
@@ -203,18 +184,6 @@ async def deliveries(client: Client, scene: Scene) -> list[dict[str, Any]]:
 def assert_signed(received: Any, secret: str) -> dict[str, Any]:
     payload = Webhook(secret).verify(received.body, received.headers)
     return cast(dict[str, Any], payload)
-
-
-def expire_scheduler_locks(redis_url: str) -> None:
-    """The dead worker's scheduler held RQ's scheduler locks, which live 60 s past its last heartbeat
-    (RQ's fixed TTL, whatever --heartbeat-grace says); until they expire no scheduled job, the retry of
-    an abandoned job among them, is moved to its queue. Expire them now rather than wait a minute."""
-    conn = redis.Redis.from_url(redis_url)
-    try:
-        for key in conn.scan_iter(match="rq:scheduler-lock:*"):
-            conn.delete(key)
-    finally:
-        conn.close()
 
 
 def running(pid: int) -> bool:
