@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from functools import cache
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,18 +23,14 @@ _STATE_ID = "keel.request_id"
 _STATE_START = "keel.started"
 
 
-# Templates come from the app's routes, a fixed set: each is rewritten once rather than on every request.
-_ROUTES: dict[str, str] = {}
-
-
 def route_of(scope: Scope) -> str | None:
     template = scope.get("path_template")
-    if not template:
-        return None
-    route = _ROUTES.get(template)
-    if route is None:
-        route = _ROUTES[template] = _PARAM_TYPE.sub(r"{\1}", template)
-    return route
+    return _route(template) if template else None
+
+
+@cache  # templates come from the app's routes, a fixed set: each is rewritten once, not per request
+def _route(template: str) -> str:
+    return _PARAM_TYPE.sub(r"{\1}", template)
 
 
 def ensure_request_id(scope: Scope) -> str:
